@@ -1,0 +1,205 @@
+"""The sequential calibration pipeline shared by every calibration-based method.
+
+1. :func:`find_blocks` finds the decoder blocks from the model's own structure (``_no_split_modules``,
+   else the largest ``ModuleList`` of identical modules); nothing is hard-coded per family.
+2. :func:`capture_block_inputs` runs the model up to the first block and records, per batch, the
+   hidden states and *every* other argument the block receives (position embeddings, masks, cache
+   objects, ...), using a forward pre-hook with kwargs and a dedicated stop exception.
+3. :func:`run_sequential` walks the blocks one at a time: onload the block, let the method process it
+   (collect statistics, compress), compute the outputs that feed the next block, offload the block.
+
+With ``offload=True`` the blocks stay on the CPU and only the block being processed (plus its
+activations) lives on the compute device, so a model larger than the GPU can be calibrated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
+    """Return ``(qualified name, ModuleList)`` of the decoder blocks."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    best: Optional[Tuple[str, nn.ModuleList]] = None
+    fallback: Optional[Tuple[str, nn.ModuleList]] = None
+    for qname, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        types = {type(m) for m in mod}
+        if len(types) != 1:
+            continue
+        if names and type(mod[0]).__name__ in names:
+            if best is None or len(mod) > len(best[1]):
+                best = (qname, mod)
+        if fallback is None or len(mod) > len(fallback[1]):
+            fallback = (qname, mod)
+    found = best or fallback
+    if found is None:
+        raise ValueError(f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of identical modules")
+    return found
+
+
+@dataclass
+class BlockInputs:
+    """The captured inputs of a block: one entry per batch."""
+
+    hidden: List[torch.Tensor] = field(default_factory=list)
+    args: List[tuple] = field(default_factory=list)  # positional args after hidden_states
+    kwargs: List[Dict[str, Any]] = field(default_factory=list)
+    hidden_in_kwargs: bool = False
+
+    def __len__(self):
+        return len(self.hidden)
+
+    def call(self, block: nn.Module, i: int, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.hidden[i] if hidden is None else hidden
+        if self.hidden_in_kwargs:
+            out = block(*self.args[i], hidden_states=h, **self.kwargs[i])
+        else:
+            out = block(h, *self.args[i], **self.kwargs[i])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def with_hidden(self, hidden: List[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.args, self.kwargs, self.hidden_in_kwargs)
+
+    def ntokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def _onloaded(model: nn.Module, blocks: nn.ModuleList, device, offload: bool):
+    """Put everything but the blocks on ``device`` (blocks stay where they are when offloading)."""
+    if not offload:
+        model.to(device)
+        yield
+        return
+    saved = list(blocks)
+    holder = nn.ModuleList()
+    # detach the blocks so that model.to() does not move them
+    parent_name, _ = find_blocks(model)
+    parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
+    attr = parent_name.rsplit(".", 1)[-1]
+    setattr(parent, attr, holder)
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, blocks)
+    try:
+        yield
+    finally:
+        del saved
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, device=None,
+                         offload: bool = False) -> BlockInputs:
+    """Run the model up to its first block and record every input that block receives, per batch."""
+    _, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    captured = BlockInputs()
+
+    def hook(module, args, kwargs):
+        if args:
+            captured.hidden.append(args[0])
+            captured.args.append(tuple(args[1:]))
+        else:
+            captured.hidden.append(kwargs.pop("hidden_states"))
+            captured.hidden_in_kwargs = True
+            captured.args.append(())
+        kw = dict(kwargs)
+        # caches are not wanted during calibration; everything else is replayed as received
+        for k in ("past_key_value", "past_key_values", "layer_past"):
+            if k in kw:
+                kw[k] = None
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        captured.kwargs.append(kw)
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        with _onloaded(model, blocks, device, offload):
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(device)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+        model.config.use_cache = use_cache
+    if len(captured) == 0:
+        raise RuntimeError("capture failed: the first decoder block was never called")
+    return captured
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
+    return [inputs.call(block, i) for i in range(len(inputs))]
+
+
+BlockFn = Callable[[int, nn.Module, BlockInputs], Optional[List[torch.Tensor]]]
+
+
+@torch.no_grad()
+def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: BlockFn, batch_size: int = 1,
+                   device=None, offload: bool = False, propagate: str = "pruned", progress: bool = True,
+                   desc: str = "calibrate") -> None:
+    """Walk the decoder blocks one at a time.
+
+    ``process_block(index, block, inputs)`` collects statistics and compresses the block in place. It
+    may return the *dense* outputs it computed on the way (used when ``propagate == "dense"``), or
+    the outputs of the already-compressed block (when it knows them, e.g. in sequential mode, as a
+    ``("pruned", outputs)`` tuple) to save a forward pass.
+    """
+    if propagate not in ("pruned", "dense"):
+        raise ValueError(f"propagate={propagate!r}: expected 'pruned' or 'dense'")
+    _, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    inputs = capture_block_inputs(model, input_ids, batch_size, device, offload)
+    dense_inputs = inputs if propagate == "dense" else None
+    for idx in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+        block = blocks[idx]
+        if offload:
+            block.to(device)
+        result = process_block(idx, block, dense_inputs if dense_inputs is not None else inputs)
+        if isinstance(result, tuple) and result[0] == "pruned" and propagate == "pruned":
+            outs = result[1]
+        elif propagate == "dense":
+            outs = result if isinstance(result, list) else block_outputs(block, dense_inputs)
+            if isinstance(result, tuple):
+                raise RuntimeError("propagate=dense needs the dense outputs from process_block")
+        else:
+            outs = block_outputs(block, inputs)
+        if offload:
+            block.to("cpu")
+        if propagate == "dense":
+            dense_inputs = dense_inputs.with_hidden(outs)
+        else:
+            inputs = inputs.with_hidden(outs)
+    if offload:
+        model.to("cpu")

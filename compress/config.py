@@ -1,0 +1,261 @@
+"""Typed experiment configuration.
+
+Every config group (``model``, ``calib``, ``eval``, ``prune``, ``train``, ``quant``) has a dataclass
+schema. Hydra composes the YAML files in ``configs/`` and ``recipes/`` on top of these schemas, so an
+unknown key fails at composition time; :func:`validate` then builds the dataclasses, whose
+``__post_init__`` checks every value. All of this happens before torch is imported or a model loads.
+
+This module must stay import-light (no torch): the CLI imports it to fail fast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+# Names the stages accept. Kept here (not imported from the registries) so that validation never
+# imports torch; tests check these lists against the registries.
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+TRAIN_METHODS = ("none",)
+QUANT_METHODS = ("none",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULES = ("uniform", "list", "owl")
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and the valid choices."""
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid. Valid choices: {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is not valid: it must be a positive integer")
+
+
+def parse_pattern(pattern: str) -> Optional[tuple]:
+    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4) meaning 2 weights kept in every 4."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not m:
+        raise ConfigError(
+            f"prune.pattern={pattern!r} is not valid. Valid choices: 'unstructured' or 'N:M' with 0 < N < M (e.g. 2:4, 4:8)"
+        )
+    n, m_ = int(m.group(1)), int(m.group(2))
+    if not 0 < n < m_:
+        raise ConfigError(f"prune.pattern={pattern!r} is not valid: N:M needs 0 < N < M (N weights kept in every M)")
+    return n, m_
+
+
+@dataclass
+class ModelConfig:
+    name: str = EMBEDDED_MODEL  # the embedded default, a Hugging Face id, or a local directory
+    dtype: str = "float32"
+    device: str = "auto"  # auto = cuda if available, else cpu
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    attn_implementation: Optional[str] = None
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, DTYPES)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ConfigError(f"model.device={self.device!r} is not valid. Valid choices: auto, cpu, cuda, cuda:N, mps")
+        if not self.name:
+            raise ConfigError("model.name is empty")
+
+
+@dataclass
+class CalibConfig:
+    # wikitext2 (embedded validation text), wikitext2_hub, c4 (online), or a path to .txt/.jsonl/.parquet
+    source: str = "wikitext2"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    text_field: str = "text"  # column for JSONL / Parquet sources
+    batch_size: int = 1  # samples per forward call in the calibration pipeline
+
+    def __post_init__(self):
+        _positive("calib.nsamples", self.nsamples)
+        _positive("calib.seqlen", self.seqlen)
+        _positive("calib.batch_size", self.batch_size)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"calib.seed={self.seed!r} is not valid: it must be a non-negative integer")
+
+
+@dataclass
+class EvalConfig:
+    datasets: List[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 512
+    max_windows: Optional[int] = 40  # null = all windows
+    batch_size: int = 1
+    add_bos: bool = False
+
+    def __post_init__(self):
+        _positive("eval.seqlen", self.seqlen)
+        _positive("eval.max_windows", self.max_windows, allow_none=True)
+        _positive("eval.batch_size", self.batch_size)
+        if not self.datasets:
+            raise ConfigError("eval.datasets is empty: name at least one dataset (e.g. wikitext2)")
+
+
+@dataclass
+class PruneConfig:
+    method: str = "none"
+    sparsity: float = 0.5  # fraction of weights removed (ignored for N:M, which fixes it at 1 - N/M)
+    pattern: str = "unstructured"  # unstructured | N:M
+    schedule: str = "uniform"  # uniform | list | owl
+    layer_sparsities: Optional[List[float]] = None  # schedule=list: one value per decoder block
+    owl_m: float = 5.0  # OWL outlier threshold (multiples of the mean score)
+    owl_lambda: float = 0.08  # OWL: max deviation from the target sparsity
+    scope: str = "layer"  # magnitude: layer (per module) | global
+    targets: List[str] = field(default_factory=lambda: [r".*"])  # regex on module names inside blocks
+    ignore: List[str] = field(default_factory=list)
+    propagate: str = "pruned"  # pruned (reference) | dense: which outputs feed the next block
+    sequential: bool = False  # prune linears in forward order, each seeing already-pruned inputs
+    offload: bool = False  # keep blocks on CPU and onload one at a time
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT relative dampening
+    reconstruct: bool = False  # refit kept weights to dense block outputs, mask fixed
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-4
+
+    def __post_init__(self):
+        _choice("prune.method", self.method, PRUNE_METHODS)
+        nm = parse_pattern(self.pattern)
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise ConfigError(f"prune.sparsity={self.sparsity!r} is not valid: it must be in [0, 1)")
+        _choice("prune.schedule", self.schedule, SCHEDULES)
+        _choice("prune.scope", self.scope, ("layer", "global"))
+        _choice("prune.propagate", self.propagate, ("pruned", "dense"))
+        if nm is not None and self.schedule != "uniform":
+            raise ConfigError(f"prune.schedule={self.schedule!r} needs prune.pattern=unstructured (N:M fixes each layer's sparsity)")
+        if nm is not None and self.scope == "global":
+            raise ConfigError("prune.scope='global' needs prune.pattern=unstructured")
+        if self.schedule == "list":
+            if not self.layer_sparsities:
+                raise ConfigError("prune.schedule='list' needs prune.layer_sparsities (one value per decoder block)")
+            for s in self.layer_sparsities:
+                if not 0.0 <= float(s) < 1.0:
+                    raise ConfigError(f"prune.layer_sparsities has {s!r}: each must be in [0, 1)")
+        if not 0 <= self.owl_lambda < 1:
+            raise ConfigError(f"prune.owl_lambda={self.owl_lambda!r} is not valid: it must be in [0, 1)")
+        _positive("prune.blocksize", self.blocksize)
+        if not self.percdamp >= 0:
+            raise ConfigError(f"prune.percdamp={self.percdamp!r} is not valid: it must be >= 0")
+        for rx in list(self.targets) + list(self.ignore):
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"prune.targets/ignore has an invalid regex {rx!r}: {e}") from None
+
+
+@dataclass
+class TrainConfig:
+    method: str = "none"
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    seqlen: int = 512
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    source: str = "wikitext2"  # training text: the calibration/validation text by default, never eval
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    qlora_bits: int = 4
+    distill: bool = False
+    distill_alpha: float = 0.5  # weight of the KD loss (1 - alpha on the LM loss)
+    distill_temperature: float = 2.0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = no periodic eval
+    save_every: int = 0
+    resume: Optional[str] = None
+    pin_memory: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("train.method", self.method, TRAIN_METHODS)
+        _choice("train.optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit", "adam_8bit", "sgd"))
+        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        for k in ("max_steps", "micro_batch_size", "seqlen", "grad_accum", "lora_r", "log_every"):
+            _positive(f"train.{k}", getattr(self, k))
+        _choice("train.qlora_bits", self.qlora_bits, (4, 8))
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr!r} is not valid: it must be > 0")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"train.distill_alpha={self.distill_alpha!r} is not valid: it must be in [0, 1]")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"
+    bits: int = 4
+    group_size: int = 128  # -1 = per channel
+    symmetric: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self):
+        _choice("quant.method", self.method, QUANT_METHODS)
+        _choice("quant.bits", self.bits, (2, 3, 4, 8))
+        if self.group_size != -1:
+            _positive("quant.group_size", self.group_size)
+
+
+@dataclass
+class OutputConfig:
+    save_model: bool = False  # save the compressed model (safetensors) into the run dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    description: str = ""  # set by recipes: one line on what the experiment is for
+
+
+def validate(cfg) -> Config:
+    """Turn a composed DictConfig into a checked :class:`Config` (raises :class:`ConfigError`)."""
+    from omegaconf import OmegaConf
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf wraps __post_init__ errors; surface ours
+        cause = e
+        while cause is not None:
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise ConfigError(str(e)) from None
+    if not isinstance(obj, Config):
+        raise ConfigError(f"composed config is {type(obj).__name__}, expected Config")
+    return obj
+
+
+def register_configs() -> None:
+    """Register the schemas (and the recipes) with Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)

@@ -1,0 +1,123 @@
+"""Perplexity under a pinned protocol, and the size metrics reported with it.
+
+Protocol: the eval text is tokenized as one string (CRLF -> LF, no special tokens); it is cut into
+non-overlapping windows of ``seqlen`` tokens (the tail shorter than a window is dropped), capped at
+``max_windows``; each window is scored independently (no context carried over); the result is
+exp(mean token NLL) over all predicted tokens. With ``add_bos`` a BOS token is prepended to every
+window as context and is not scored. The batch size only changes speed: losses are summed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compress.data import Text, load_text, tokenize
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None, batch_size: int = 1,
+                        bos_token_id: Optional[int] = None, progress: bool = True, desc: str = "eval") -> Dict:
+    nwin = ids.numel() // seqlen
+    if max_windows is not None:
+        nwin = min(nwin, max_windows)
+    if nwin == 0:
+        raise ValueError(f"eval text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    device = model_device(model)
+    nll = 0.0
+    count = 0
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, nwin, batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = windows[start:start + batch_size].to(device)
+        if bos_token_id is not None:
+            bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype, device=device)
+            inputs = torch.cat([bos, batch], dim=1)
+        else:
+            inputs = batch
+        logits = model(input_ids=inputs, use_cache=False).logits
+        if bos_token_id is not None:
+            logits, targets = logits[:, :-1], batch  # position 0 (BOS) predicts token 0
+        else:
+            logits, targets = logits[:, :-1], batch[:, 1:]
+        # per-window sums, then accumulate in float64: independent of the batch split
+        for b in range(logits.shape[0]):
+            loss = F.cross_entropy(logits[b].float(), targets[b], reduction="sum")
+            nll += float(loss.double())
+            count += targets.shape[1]
+    model.train(was_training)
+    mean = nll / count
+    return {"ppl": math.exp(mean), "nll": mean, "windows": nwin, "tokens": count}
+
+
+def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 512, max_windows: Optional[int] = 40,
+               batch_size: int = 1, add_bos: bool = False, progress: bool = True) -> Dict:
+    """Perplexity plus the protocol record for one dataset."""
+    text: Text = load_text(dataset, role="eval")
+    ids = tokenize(tokenizer, text)
+    bos = tokenizer.bos_token_id if add_bos else None
+    if add_bos and bos is None:
+        raise ValueError("eval.add_bos=true but the tokenizer has no BOS token")
+    out = perplexity_from_ids(model, ids, seqlen, max_windows, batch_size, bos, progress, desc=f"eval {dataset}")
+    out["protocol"] = {
+        "dataset": text.name, "split": text.split, "origin": text.origin, "sha256": text.sha256,
+        "join_rule": text.join_rule, "tokenization": "whole text, add_special_tokens=False",
+        "seqlen": seqlen, "stride": seqlen, "max_windows": max_windows, "windows": out["windows"],
+        "tokens_scored": out["tokens"], "text_tokens": int(ids.numel()), "bos": bool(add_bos),
+        "metric": "exp(mean NLL over scored tokens)",
+    }
+    return out
+
+
+def _unique_params(model):
+    seen = set()
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        yield p
+
+
+def prunable_linears(model):
+    """Linear layers inside the decoder blocks (embeddings and lm_head are not prunable)."""
+    from compress.calibration import find_blocks
+
+    _, blocks = find_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for name, mod in block.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out[f"{i}.{name}"] = mod
+    return out
+
+
+@torch.no_grad()
+def size_metrics(model) -> Dict:
+    total = nonzero = nbytes = 0
+    for p in _unique_params(model):
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+        nbytes += p.numel() * p.element_size()
+    for b in model.buffers():
+        nbytes += b.numel() * b.element_size()
+    lin_total = lin_zero = 0
+    for mod in prunable_linears(model).values():
+        w = mod.weight
+        lin_total += w.numel()
+        lin_zero += int((w == 0).sum())
+    return {
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "sparsity": lin_zero / lin_total if lin_total else 0.0,
+        "prunable_params": lin_total,
+        "footprint_mb": nbytes / 2**20,
+    }

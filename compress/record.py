@@ -1,0 +1,197 @@
+"""The run record: ``results.json``, written atomically after every stage.
+
+A stage that fails is recorded as failed (with its error) and everything measured before it stays on
+disk. Peak memory per stage is the process's peak RSS on CPU (reset through ``/proc/self/clear_refs``
+where Linux allows it) and ``torch.cuda.max_memory_allocated`` on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+def atomic_write_json(path, data: Dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _rss_peak_mb() -> float:
+    """Peak resident set size since the last reset (VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Measures peak memory over a region: CUDA allocator peak on GPU, process RSS peak on CPU."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = str(device)
+        self.peak_mb: Optional[float] = None
+        self.kind = "cuda_max_memory_allocated" if self.device.startswith("cuda") else "process_peak_rss"
+
+    def __enter__(self):
+        if self.kind.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.reset_ok = _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mb = _rss_peak_mb()
+        return False
+
+
+def git_commit(cwd=None) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str, seed: int) -> Dict[str, Any]:
+    import torch
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "seed": seed,
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    for pkg in ("accelerate", "peft", "bitsandbytes", "datasets", "hydra"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:  # optional at run time
+            pass
+    from compress import __version__
+
+    env["compress"] = __version__
+    return env
+
+
+class RunRecord:
+    """Holds ``results.json`` for one run and rewrites it atomically on every change."""
+
+    def __init__(self, out_dir, config: Dict[str, Any], device: str = "cpu", seed: int = 0, **extra):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "results.json"
+        self.device = str(device)
+        self.data: Dict[str, Any] = {
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+            "config": config,
+            "metrics": {},
+            "stages": [],
+            "protocol": {},
+            "environment": environment(device, seed),
+        }
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def set(self, section: str, key: str, value: Any) -> None:
+        self.data.setdefault(section, {})[key] = value
+        self.save()
+
+    def update_metrics(self, **metrics) -> None:
+        self.data["metrics"].update(metrics)
+        self.save()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, method: str = ""):
+        """Time a stage and record it; on failure record the error, save, and re-raise."""
+        entry: Dict[str, Any] = {"name": name, "method": method, "status": "running"}
+        info: Dict[str, Any] = {}
+        t0 = time.perf_counter()
+        mem = PeakMemory(self.device).__enter__()
+        try:
+            yield info
+        except BaseException as e:
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        else:
+            entry["status"] = "ok"
+        finally:
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            mem.__exit__(None, None, None)
+            entry["peak_memory_mb"] = round(mem.peak_mb, 1)
+            entry["peak_memory_kind"] = mem.kind
+            entry.update(info)
+            self.data["stages"].append(entry)
+            if entry["status"] == "failed":
+                self.data["status"] = "failed"
+            self.save()
+
+    def finish(self, status: str = "ok") -> None:
+        if self.data["status"] != "failed":
+            self.data["status"] = status
+        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save()

@@ -1,0 +1,1 @@
+"""Composed multi-stage experiments (the `recipe` config group)."""
