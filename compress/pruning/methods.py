@@ -1,0 +1,188 @@
+"""Pruning methods: small registered classes that declare the statistics they need and compress.
+
+A method sees, for each target linear, a :class:`InputStats` holding what was collected on its
+calibration inputs (token count, per-column squared norms, the float32 Hessian ``X^T X``, a token
+subsample for error reporting). Linears fed the very same input tensor (q/k/v, gate/up) share one
+``InputStats``, so the Hessian is accumulated once per distinct input.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Type
+
+import torch
+
+from compress.pruning.masks import make_mask, nm_mask, unstructured_mask
+
+REGISTRY: Dict[str, Type["PruningMethod"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class InputStats:
+    """Statistics of one linear input over the calibration tokens (all float32)."""
+
+    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 1024, device=None):
+        self.tokens = 0
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self.sqnorm = torch.zeros(in_features, dtype=torch.float32, device=device) if sqnorm else None
+        self.sample_tokens = sample_tokens
+        self.samples = []
+        self._sampled = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if self.H is not None:
+            self.H.addmm_(x.t(), x)
+        if self.sqnorm is not None:
+            self.sqnorm.add_(x.square().sum(0))
+        if self.H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
+            step = max(1, n // 256)
+            take = x[::step][: self.sample_tokens - self._sampled]
+            self.samples.append(take.clone())
+            self._sampled += take.shape[0]
+        self.tokens += n
+
+    def relative_error(self, w_dense: torch.Tensor, w_new: torch.Tensor) -> Optional[float]:
+        """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample)."""
+        w_dense = w_dense.float()
+        d = w_dense - w_new.float()
+        if self.H is not None:
+            num = torch.sum((d @ self.H) * d)
+            den = torch.sum((w_dense @ self.H) * w_dense)
+        elif self.samples:
+            xs = torch.cat(self.samples)
+            num = (xs @ d.t()).square().sum()
+            den = (xs @ w_dense.t()).square().sum()
+        else:
+            return None
+        return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
+
+
+class PruningMethod:
+    name = "base"
+    needs_calibration = True
+    needs_hessian = False
+    needs_sqnorm = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prune_weight(self, weight: torch.Tensor, stats: Optional[InputStats], sparsity: float,
+                     nm: Optional[Tuple[int, int]]) -> torch.Tensor:
+        """Return the new float32 weight (zeros where pruned)."""
+        raise NotImplementedError
+
+
+@register
+class Magnitude(PruningMethod):
+    """|W|, thresholded per matrix (layer scope, as in the reference) or over all targets (global)."""
+
+    name = "magnitude"
+    needs_calibration = False
+
+    def prune_weight(self, weight, stats, sparsity, nm):
+        w = weight.float()
+        mask = make_mask(w.abs(), sparsity, nm, per_row=False)
+        return w * mask
+
+
+@register
+class Wanda(PruningMethod):
+    """|W| * ||X||_2 per input channel, compared within each output row (Sun et al., 2023)."""
+
+    name = "wanda"
+    needs_sqnorm = True
+
+    def prune_weight(self, weight, stats, sparsity, nm):
+        w = weight.float()
+        scores = w.abs() * stats.sqnorm.sqrt().unsqueeze(0)
+        return w * make_mask(scores, sparsity, nm, per_row=True)
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp)^-1, escalating the damping if H is not positive definite."""
+    diag = torch.diagonal(H)
+    if damp_mode == "mean":
+        damp = percdamp * diag.mean()
+    elif damp_mode == "median":  # robust to massive-activation channels
+        damp = percdamp * diag.median()
+    else:
+        raise ValueError(f"damp_mode={damp_mode!r}")
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * (10 ** attempt))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+    raise RuntimeError("SparseGPT: Hessian is not positive definite even with 1e5x damping")
+
+
+@torch.no_grad()
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[Tuple[int, int]] = None,
+                    blocksize: int = 128, percdamp: float = 0.01, damp_mode: str = "mean") -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023): blocked OBS with lazy batch updates.
+
+    Within each column block the mask is chosen from ``w^2 / [H^-1]_ii^2`` (exactly ``floor(numel*s)``
+    entries of the block for unstructured; N of every M inputs per row, chosen inside the block on the
+    updated weights, for N:M), then pruned columns are zeroed one at a time and the error is
+    compensated on the remaining columns. ``H`` is the float32 ``X^T X``; dead inputs (zero diagonal)
+    are removed first.
+    """
+    W = W.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
+    del H
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1)
+        Err1 = torch.zeros_like(W1)
+        if nm is None:
+            mask1 = unstructured_mask(W1.square() / d.square().unsqueeze(0), sparsity, per_row=False)
+        else:
+            mask1 = torch.ones_like(W1, dtype=torch.bool)
+            n, m = nm
+        for i in range(count):
+            if nm is not None and i % m == 0:
+                j = min(i + m, count)
+                mask1[:, i:j] = nm_mask(W1[:, i:j].square() / d[i:j].square().unsqueeze(0), n, m)
+            w = W1[:, i]
+            err = (w * (~mask1[:, i])) / d[i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W1.mul_(mask1)  # exact zeros where pruned
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return W
+
+
+@register
+class SparseGPT(PruningMethod):
+    name = "sparsegpt"
+    needs_hessian = True
+
+    def prune_weight(self, weight, stats, sparsity, nm):
+        return sparsegpt_prune(weight, stats.H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp,
+                               getattr(self.cfg, "damp_mode", "mean"))
+
+
+def get_method(name: str, cfg) -> PruningMethod:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](cfg)

@@ -1,0 +1,70 @@
+"""Per-block sparsity schedules: uniform, an explicit list, or OWL.
+
+OWL (Yin et al., 2024, "Outlier Weighed Layerwise sparsity"): a block's outlier ratio is the share of
+its Wanda scores |W| * ||X|| above ``owl_m`` times their mean; ratios are rescaled to
+[0, 2 * owl_lambda], centred, and blocks with more outliers keep more weights. The mean sparsity stays
+at the target. The ratios come from one dense pass over the calibration data.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from compress.config import ConfigError, PruneConfig
+
+
+def owl_from_ratios(ratios: List[float], sparsity: float, lam: float) -> List[float]:
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    if span == 0:
+        return [float(sparsity)] * len(ratios)
+    r = (r - r.min()) * (2 * lam / span)
+    density = r - r.mean() + (1 - sparsity)
+    return [float(1 - d) for d in density]
+
+
+@torch.no_grad()
+def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, device=None, offload: bool = False,
+                       progress: bool = True) -> List[float]:
+    from compress.calibration import run_sequential
+    from compress.pruning.engine import _Collector, target_linears
+    from compress.pruning.methods import Wanda
+
+    ratios: List[float] = []
+
+    def process(bidx, block, inputs):
+        linears = target_linears(block, cfg)
+        collector = _Collector(linears, Wanda(cfg), device)
+        outs = []
+        try:
+            for b in range(len(inputs)):
+                collector.current = b
+                outs.append(inputs.call(block, b))
+                collector.end_batch(b)
+        finally:
+            collector.remove()
+        scores = torch.cat([(m.weight.float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
+                            for n, m in linears.items()])
+        ratios.append(float((scores > cfg.owl_m * scores.mean()).float().mean()))
+        return outs
+
+    run_sequential(model, calib_ids, process, batch_size=batch_size, device=device, offload=offload,
+                   propagate="dense", progress=progress, desc="owl ratios")
+    return ratios
+
+
+def layer_sparsities(cfg: PruneConfig, nblocks: int, model=None, calib_ids=None, batch_size: int = 1, device=None,
+                     offload: bool = False, progress: bool = True) -> List[float]:
+    if cfg.schedule == "uniform":
+        return [float(cfg.sparsity)] * nblocks
+    if cfg.schedule == "list":
+        vals = [float(v) for v in cfg.layer_sparsities]
+        if len(vals) != nblocks:
+            raise ConfigError(f"prune.layer_sparsities has {len(vals)} values but the model has {nblocks} blocks")
+        return vals
+    if cfg.schedule == "owl":
+        ratios = owl_outlier_ratios(model, calib_ids, cfg, batch_size, device, offload, progress)
+        return owl_from_ratios(ratios, float(cfg.sparsity), cfg.owl_lambda)
+    raise ConfigError(f"prune.schedule={cfg.schedule!r}")
