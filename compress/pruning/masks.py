@@ -1,7 +1,7 @@
 """Masks as pure functions of scores. ``True`` = keep. Higher score = more important.
 
 All functions are vectorised (no Python loop over columns) and exact: an unstructured mask removes
-exactly ``floor(numel * sparsity)`` entries (per row or per matrix), an N:M mask keeps exactly N of
+exactly ``round(numel * sparsity)`` entries (per row or per matrix), an N:M mask keeps exactly N of
 every M consecutive inputs in each row.
 """
 
@@ -17,20 +17,23 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
 
     Ties are broken by position (stable sort), so the result is deterministic.
     """
-    mask = torch.ones_like(scores, dtype=torch.bool)
     if sparsity <= 0:
-        return mask
-    if per_row:
-        k = int(scores.shape[-1] * sparsity)
-        if k:
-            idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-            mask.scatter_(-1, idx, False)
-        return mask
-    k = int(scores.numel() * sparsity)
-    if k:
-        idx = torch.sort(scores.flatten(), stable=True).indices[:k]
-        mask.view(-1)[idx] = False
-    return mask
+        return torch.ones_like(scores, dtype=torch.bool)
+    flat = scores if per_row else scores.reshape(1, -1)
+    k = int(round(flat.shape[-1] * sparsity))
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # kthvalue (selection) is much cheaper than a sort; fall back to a stable sort only for rows
+    # where ties straddle the threshold, so that exactly k entries go.
+    thresh = torch.kthvalue(flat.float(), k, dim=-1, keepdim=True).values
+    keep = flat.float() > thresh
+    bad = (~keep).sum(-1) != k
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        sub = torch.ones_like(flat[rows], dtype=torch.bool)
+        idx = torch.sort(flat[rows], dim=-1, stable=True).indices[:, :k]
+        keep[rows] = sub.scatter_(-1, idx, False)
+    return keep.view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

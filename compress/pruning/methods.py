@@ -25,23 +25,35 @@ def register(cls):
 class InputStats:
     """Statistics of one linear input over the calibration tokens (all float32)."""
 
+    PANEL = 192
+
     def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 1024, device=None):
         self.tokens = 0
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        # upper triangle only during accumulation (half the FLOPs of X^T X); see :attr:`H`
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self.sqnorm = torch.zeros(in_features, dtype=torch.float32, device=device) if sqnorm else None
         self.sample_tokens = sample_tokens
         self.samples = []
         self._sampled = 0
 
+    @property
+    def H(self) -> Optional[torch.Tensor]:
+        """The full symmetric ``X^T X`` (float32)."""
+        if self._H is None:
+            return None
+        return torch.triu(self._H) + torch.triu(self._H, 1).t()
+
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
-        if self.H is not None:
-            self.H.addmm_(x.t(), x)
+        if self._H is not None:
+            xt = x.t()
+            for a in range(0, x.shape[1], self.PANEL):  # row panels of the upper triangle
+                self._H[a:a + self.PANEL, a:].addmm_(xt[a:a + self.PANEL], x[:, a:])
         if self.sqnorm is not None:
             self.sqnorm.add_(x.square().sum(0))
-        if self.H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
+        if self._H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
             step = max(1, n // 256)
             take = x[::step][: self.sample_tokens - self._sampled]
             self.samples.append(take.clone())
@@ -52,9 +64,10 @@ class InputStats:
         """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample)."""
         w_dense = w_dense.float()
         d = w_dense - w_new.float()
-        if self.H is not None:
-            num = torch.sum((d @ self.H) * d)
-            den = torch.sum((w_dense @ self.H) * w_dense)
+        if self._H is not None:
+            H = self.H
+            num = torch.sum((d @ H) * d)
+            den = torch.sum((w_dense @ H) * w_dense)
         elif self.samples:
             xs = torch.cat(self.samples)
             num = (xs @ d.t()).square().sum()
@@ -106,7 +119,10 @@ class Wanda(PruningMethod):
 
 
 def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp)^-1, escalating the damping if H is not positive definite."""
+    """Upper Cholesky factor of (H + damp)^-1, escalating the damping if H is not positive definite.
+
+    The inverse goes through a triangular solve (``cholesky_inverse`` is several times slower on CPU).
+    """
     diag = torch.diagonal(H)
     if damp_mode == "mean":
         damp = percdamp * diag.mean()
@@ -114,15 +130,14 @@ def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = 
         damp = percdamp * diag.median()
     else:
         raise ValueError(f"damp_mode={damp_mode!r}")
+    # U = J L^-1 J with L = chol(J H J) (J reverses the order) is the upper Cholesky factor of H^-1:
+    # one factorisation and one triangular solve instead of inverse + second factorisation.
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * (10 ** attempt))
+        Hd = (H + eye * (damp * (10 ** attempt))).flip(0, 1)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U
+            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
     raise RuntimeError("SparseGPT: Hessian is not positive definite even with 1e5x damping")
 
 
@@ -131,45 +146,45 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
                     blocksize: int = 128, percdamp: float = 0.01, damp_mode: str = "mean") -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023): blocked OBS with lazy batch updates.
 
-    Within each column block the mask is chosen from ``w^2 / [H^-1]_ii^2`` (exactly ``floor(numel*s)``
+    Within each column block the mask is chosen from ``w^2 / [H^-1]_ii^2`` (exactly ``round(numel*s)``
     entries of the block for unstructured; N of every M inputs per row, chosen inside the block on the
     updated weights, for N:M), then pruned columns are zeroed one at a time and the error is
     compensated on the remaining columns. ``H`` is the float32 ``X^T X``; dead inputs (zero diagonal)
-    are removed first.
+    are removed first. The loop runs on the transposed weight so that every step touches contiguous
+    memory (about 10x faster per column on CPU than the column-strided reference loop).
     """
-    W = W.float().clone()
+    Wt = W.float().t().contiguous()  # [cols, rows]
     H = H.float().clone()
-    rows, cols = W.shape
+    cols = Wt.shape[0]
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    Wt[dead] = 0
     Hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
     del H
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [count, rows]
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
         Err1 = torch.zeros_like(W1)
         if nm is None:
-            mask1 = unstructured_mask(W1.square() / d.square().unsqueeze(0), sparsity, per_row=False)
+            keep1 = unstructured_mask(W1.square() / d.square().unsqueeze(1), sparsity, per_row=False)
         else:
-            mask1 = torch.ones_like(W1, dtype=torch.bool)
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
             n, m = nm
         for i in range(count):
             if nm is not None and i % m == 0:
                 j = min(i + m, count)
-                mask1[:, i:j] = nm_mask(W1[:, i:j].square() / d[i:j].square().unsqueeze(0), n, m)
-            w = W1[:, i]
-            err = (w * (~mask1[:, i])) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W1.mul_(mask1)  # exact zeros where pruned
-        W[:, i1:i2] = W1
+                keep1[i:j] = nm_mask((W1[i:j].square() / d[i:j].square().unsqueeze(1)).t(), n, m).t()
+            err = W1[i].masked_fill(keep1[i], 0.0).div_(d[i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        W1.mul_(keep1)  # exact zeros where pruned
+        Wt[i1:i2] = W1
         if i2 < cols:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
-    return W
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    return Wt.t().contiguous()
 
 
 @register

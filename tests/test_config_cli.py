@@ -1,0 +1,101 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from compress.config import (PRUNE_METHODS, CalibConfig, Config, ConfigError, EvalConfig, PruneConfig, parse_pattern)
+
+
+def _cli(*args, cwd):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return p, time.time() - t0
+
+
+def test_unknown_group_option_fails_fast_with_choices(tmp_path):
+    p, dt = _cli("prune=does_not_exist", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert p.returncode != 0
+    assert dt < 10
+    err = p.stderr + p.stdout
+    assert "prune" in err and "does_not_exist" in err
+    for choice in ("magnitude", "wanda", "sparsegpt", "none"):
+        assert choice in err
+    assert not (tmp_path / "r" / "results.json").exists()  # failed before any model loaded
+
+
+def test_bad_value_fails_fast_naming_key(tmp_path):
+    p, dt = _cli("eval.seqlen=-3", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert p.returncode != 0
+    assert dt < 10
+    assert "eval.seqlen" in p.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_unknown_key_and_bad_pattern_fail(tmp_path):
+    p, _ = _cli("prune.nonsense=1", cwd=tmp_path)
+    assert p.returncode != 0 and "nonsense" in (p.stderr + p.stdout)
+    p, _ = _cli("prune=wanda", "prune.pattern=4:2", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert p.returncode != 0 and "prune.pattern" in p.stderr
+
+
+def test_list_shows_recipes_and_groups(tmp_path):
+    p, _ = _cli("list", cwd=tmp_path)
+    assert p.returncode == 0
+    assert "dense" in p.stdout and "prune" in p.stdout and "sparsegpt" in p.stdout
+
+
+@pytest.mark.parametrize("pattern,expected", [("unstructured", None), ("2:4", (2, 4)), ("4:8", (4, 8)), (" 1 : 4 ", (1, 4))])
+def test_parse_pattern(pattern, expected):
+    assert parse_pattern(pattern) == expected
+
+
+@pytest.mark.parametrize("bad", ["4:4", "0:4", "5:4", "2-4", "half"])
+def test_parse_pattern_rejects(bad):
+    with pytest.raises(ConfigError, match="prune.pattern"):
+        parse_pattern(bad)
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    (dict(sparsity=1.0), "prune.sparsity"), (dict(sparsity=-0.1), "prune.sparsity"),
+    (dict(method="obs"), "prune.method"), (dict(schedule="owl", pattern="2:4"), "prune.schedule"),
+    (dict(schedule="list"), "prune.layer_sparsities"), (dict(targets=["("]), "regex"),
+])
+def test_prune_config_validation(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        PruneConfig(**kwargs)
+
+
+def test_other_groups_validate():
+    with pytest.raises(ConfigError, match="calib.nsamples"):
+        CalibConfig(nsamples=0)
+    with pytest.raises(ConfigError, match="eval.max_windows"):
+        EvalConfig(max_windows=0)
+    assert EvalConfig(max_windows=None).max_windows is None
+    Config()  # defaults are valid
+
+
+def test_method_names_match_registry():
+    from compress.pruning import REGISTRY
+
+    assert set(PRUNE_METHODS) - {"none"} == set(REGISTRY)
+
+
+def test_every_shipped_yaml_composes():
+    """Each group option and recipe composes into a valid Config (catches typos in shipped YAML)."""
+    from hydra import compose, initialize_config_dir
+
+    from compress.cli import config_dir, recipes_dir, register_recipes
+    from compress.config import register_configs, validate
+
+    register_configs()
+    register_recipes()
+    overrides = []
+    for group in ("calib", "eval", "prune", "train", "quant"):
+        overrides += [f"{group}={f.stem}" for f in (config_dir() / group).glob("*.yaml")]
+    overrides += [f"recipe={f.stem}" for f in recipes_dir().glob("*.yaml")]
+    assert len(overrides) > 8
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for o in overrides:
+            cfg = compose(config_name="config", overrides=[o])
+            validate(cfg)
