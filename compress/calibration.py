@@ -162,44 +162,57 @@ def block_outputs(block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
     return [inputs.call(block, i) for i in range(len(inputs))]
 
 
-BlockFn = Callable[[int, nn.Module, BlockInputs], Optional[List[torch.Tensor]]]
+@dataclass
+class BlockResult:
+    """What a block processor hands back: outputs it already computed, to save forward passes.
+
+    ``outputs``: the compressed block's outputs on ``inputs``; ``dense_outputs``: the block's outputs
+    before compression on the dense stream (required when a dense stream is carried).
+    """
+
+    outputs: Optional[List[torch.Tensor]] = None
+    dense_outputs: Optional[List[torch.Tensor]] = None
+
+
+BlockFn = Callable[[int, nn.Module, BlockInputs, Optional[BlockInputs]], Optional[BlockResult]]
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: BlockFn, batch_size: int = 1,
-                   device=None, offload: bool = False, propagate: str = "pruned", progress: bool = True,
-                   desc: str = "calibrate") -> None:
+                   device=None, offload: bool = False, propagate: str = "pruned", dense_stream: bool = False,
+                   progress: bool = True, desc: str = "calibrate") -> None:
     """Walk the decoder blocks one at a time.
 
-    ``process_block(index, block, inputs)`` collects statistics and compresses the block in place. It
-    may return the *dense* outputs it computed on the way (used when ``propagate == "dense"``), or
-    the outputs of the already-compressed block (when it knows them, e.g. in sequential mode, as a
-    ``("pruned", outputs)`` tuple) to save a forward pass.
+    ``process_block(index, block, inputs, dense_inputs)`` collects statistics and compresses the block
+    in place. ``inputs`` are the block inputs that feed statistics: the compressed model's
+    activations (``propagate="pruned"``, the reference behaviour) or the dense model's
+    (``propagate="dense"``). With ``dense_stream=True`` the dense model's activations are carried as
+    well and passed as ``dense_inputs`` (e.g. as regression targets); the processor must then return
+    the dense outputs, computed before it compresses the block.
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate={propagate!r}: expected 'pruned' or 'dense'")
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     inputs = capture_block_inputs(model, input_ids, batch_size, device, offload)
-    dense_inputs = inputs if propagate == "dense" else None
+    dense = inputs if dense_stream and propagate == "pruned" else None
     for idx in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
         block = blocks[idx]
         if offload:
             block.to(device)
-        result = process_block(idx, block, dense_inputs if dense_inputs is not None else inputs)
-        if isinstance(result, tuple) and result[0] == "pruned" and propagate == "pruned":
-            outs = result[1]
-        elif propagate == "dense":
-            outs = result if isinstance(result, list) else block_outputs(block, dense_inputs)
-            if isinstance(result, tuple):
-                raise RuntimeError("propagate=dense needs the dense outputs from process_block")
+        res = process_block(idx, block, inputs, dense) or BlockResult()
+        if propagate == "dense":
+            if res.dense_outputs is None and res.outputs is not None:
+                raise RuntimeError("propagate=dense: process_block compressed the block without returning dense outputs")
+            outs = res.dense_outputs if res.dense_outputs is not None else block_outputs(block, inputs)
         else:
-            outs = block_outputs(block, inputs)
+            outs = res.outputs if res.outputs is not None else block_outputs(block, inputs)
+            if dense is not None:
+                if res.dense_outputs is None:
+                    raise RuntimeError("dense_stream=True: process_block must return the dense outputs")
+                dense = dense.with_hidden(res.dense_outputs)
         if offload:
             block.to("cpu")
-        if propagate == "dense":
-            dense_inputs = dense_inputs.with_hidden(outs)
-        else:
-            inputs = inputs.with_hidden(outs)
+        inputs = inputs.with_hidden(outs)
     if offload:
         model.to("cpu")

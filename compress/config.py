@@ -119,12 +119,17 @@ class PruneConfig:
     targets: List[str] = field(default_factory=lambda: [r".*"])  # regex on module names inside blocks
     ignore: List[str] = field(default_factory=list)
     propagate: str = "pruned"  # pruned (reference) | dense: which outputs feed the next block
-    sequential: bool = False  # prune linears in forward order, each seeing already-pruned inputs
+    sequential: bool = True  # single pass, linears pruned in forward order on already-pruned inputs (false = reference two-pass)
     offload: bool = False  # keep blocks on CPU and onload one at a time
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT relative dampening
-    reconstruct: bool = False  # refit kept weights to dense block outputs, mask fixed
-    reconstruct_steps: int = 0
+    damp_mode: str = "mean"  # mean (reference: percdamp * mean diag H) | median (robust to massive activations)
+    # SparseGPT only: reconstruct the *dense* model's layer outputs from the pruned model's inputs,
+    # min ||W X_dense - W' X_pruned||, instead of the layer's own outputs (needs sequential=true)
+    error_correction: bool = False
+    # after pruning a block, refit its kept weights (masks fixed) so that the block reproduces the dense
+    # model's block outputs on the calibration samples: Adam, this many epochs over the samples (0 = off)
+    reconstruct_epochs: int = 0
     reconstruct_lr: float = 1e-4
 
     def __post_init__(self):
@@ -135,6 +140,9 @@ class PruneConfig:
         _choice("prune.schedule", self.schedule, SCHEDULES)
         _choice("prune.scope", self.scope, ("layer", "global"))
         _choice("prune.propagate", self.propagate, ("pruned", "dense"))
+        if self.propagate == "dense" and self.sequential:
+            raise ConfigError("prune.propagate=dense needs prune.sequential=false (the single pass propagates pruned outputs)")
+        _choice("prune.damp_mode", self.damp_mode, ("mean", "median"))
         if nm is not None and self.schedule != "uniform":
             raise ConfigError(f"prune.schedule={self.schedule!r} needs prune.pattern=unstructured (N:M fixes each layer's sparsity)")
         if nm is not None and self.scope == "global":
@@ -147,6 +155,12 @@ class PruneConfig:
                     raise ConfigError(f"prune.layer_sparsities has {s!r}: each must be in [0, 1)")
         if not 0 <= self.owl_lambda < 1:
             raise ConfigError(f"prune.owl_lambda={self.owl_lambda!r} is not valid: it must be in [0, 1)")
+        if self.error_correction and (self.method != "sparsegpt" or not self.sequential):
+            raise ConfigError("prune.error_correction=true needs prune.method=sparsegpt and prune.sequential=true")
+        if self.reconstruct_epochs and (self.method == "magnitude" or not self.sequential):
+            raise ConfigError("prune.reconstruct_epochs > 0 needs a calibration method (wanda, sparsegpt) and prune.sequential=true")
+        if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
+            raise ConfigError("prune.reconstruct_epochs must be >= 0 and prune.reconstruct_lr > 0")
         _positive("prune.blocksize", self.blocksize)
         if not self.percdamp >= 0:
             raise ConfigError(f"prune.percdamp={self.percdamp!r} is not valid: it must be >= 0")

@@ -40,7 +40,7 @@ def test_run_sequential_visits_every_block_once_offloaded(tiny_model, calib_ids)
     model = tiny_model("qwen2")
     seen = []
 
-    def process(i, block, inputs):
+    def process(i, block, inputs, dense):
         assert next(block.parameters()).device.type == "cpu"
         seen.append(i)
 

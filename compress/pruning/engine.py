@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from compress.calibration import BlockInputs, block_outputs, find_blocks, run_sequential
+from compress.calibration import BlockInputs, BlockResult, find_blocks, run_sequential
 from compress.config import CalibConfig, PruneConfig, parse_pattern
 from compress.pruning.masks import check_nm
 from compress.pruning.methods import InputStats, PruningMethod, get_method
@@ -56,6 +56,7 @@ class PruneReport:
     layer_sparsities: Optional[List[float]] = None
     seconds: float = 0.0
     calib_seconds: float = 0.0
+    blocks_reconstruction: List[Dict] = field(default_factory=list)
 
     def achieved(self) -> float:
         total = sum(m["numel"] for m in self.modules)
@@ -73,6 +74,7 @@ class PruneReport:
 
     def to_dict(self) -> Dict:
         return {"summary": self.summary(), "layer_sparsities": self.layer_sparsities, "blocks": self.blocks,
+                "reconstruction": self.blocks_reconstruction,
                 "modules": self.modules, "calibration": self.calibration}
 
     def table(self, max_rows: int = 12) -> str:
@@ -102,6 +104,9 @@ class _Collector:
         self._seen: Dict[object, Dict[int, tuple]] = {}
         self.order: List[str] = []  # forward order of first calls
         self.on_input = None  # sequential mode: called after the input was recorded
+        self.dense_inputs: Optional[Dict[str, List[torch.Tensor]]] = None  # error correction: X_dense per batch
+        self.record = False  # record mode: store inputs per batch instead of accumulating statistics
+        self.recorded: Dict[str, List[torch.Tensor]] = {}
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
 
     def _hook(self, name):
@@ -109,18 +114,28 @@ class _Collector:
             x = args[0]
             seen = self._seen.setdefault(self.current, {})
             hit = seen.get(id(x))
+            shared = hit is not None and hit[0] is x
+            if self.record:  # dense pass for error correction: keep each distinct input once
+                if shared:
+                    self.recorded[name] = self.recorded[hit[1]]
+                else:
+                    seen[id(x)] = (x, name)
+                    self.recorded.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).clone())
+                return None
             if name not in self.stats:
-                if hit is not None and hit[0] is x:
+                if shared:
                     self.stats[name] = self.stats[hit[1]]
                 else:
                     self.stats[name] = InputStats(x.shape[-1], self.method.needs_hessian, self.method.needs_sqnorm,
                                                   device=self.device)
                 self.order.append(name)
-            if hit is None or hit[0] is not x:
+            if not shared:
                 seen[id(x)] = (x, name)
-                self.stats[name].add(x)
+                xd = self.dense_inputs[name][self.current] if self.dense_inputs is not None else None
+                self.stats[name].add(x, xd)
             if self.on_input is not None:
                 self.on_input(name)
+            return None
         return hook
 
     def end_batch(self, key):
@@ -172,6 +187,53 @@ def _run_greenlets(block: nn.Module, inputs: BlockInputs, collector: _Collector,
         prune_fn(names.pop())
     collector.on_input = None
     return outs  # type: ignore[return-value]
+
+
+def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: BlockInputs, targets: List[torch.Tensor],
+                      epochs: int, lr: float, seed: int = 0):
+    """Refit the kept weights of ``linears`` (masks fixed) so that ``block(inputs) ~= targets``.
+
+    Adam on the relative squared error, one calibration batch per step, ``epochs`` passes in a seeded
+    order. Pruned weights get no gradient and are re-zeroed after every step, so masks stay exact.
+    Returns the mean relative loss before and after.
+    """
+    weights = [m.weight for m in linears.values()]
+    masks = [w != 0 for w in weights]
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(weights, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rel(b):
+        out = inputs.call(block, b)
+        t = targets[b]
+        return (out.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-12)
+
+    try:
+        with torch.no_grad():
+            before = sum(float(rel(b)) for b in range(len(inputs))) / len(inputs)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for b in torch.randperm(len(inputs), generator=gen).tolist():
+                    loss = rel(b)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for w, m in zip(weights, masks):
+                        w.grad.mul_(m)
+                    opt.step()
+                    with torch.no_grad():
+                        for w, m in zip(weights, masks):
+                            w.mul_(m)
+        with torch.no_grad():
+            after = sum(float(rel(b)) for b in range(len(inputs))) / len(inputs)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+            p.grad = None
+    return before, after
 
 
 def _block_sparsity(linears: Dict[str, nn.Linear]) -> float:
@@ -250,36 +312,55 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
         report.seconds = time.perf_counter() - t_start
         return report
 
-    def process_block(bidx: int, block: nn.Module, inputs: BlockInputs):
+    def process_block(bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
         t0 = time.perf_counter()
         linears = target_linears(block, cfg)
         collector = _Collector(linears, method, device)
         try:
+            dense_outs = None
+            if dense is not None:  # the dense block's outputs (and inputs, for error correction), before pruning
+                collector.record = cfg.error_correction
+                dense_outs = []
+                for b in range(len(dense)):
+                    collector.current = b
+                    dense_outs.append(dense.call(block, b))
+                    collector.end_batch(b)
+                if cfg.error_correction:
+                    collector.record = False
+                    collector.dense_inputs = collector.recorded
             if cfg.sequential:
                 def prune_now(name):
                     prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
                 outs = _run_greenlets(block, inputs, collector, prune_now)
-                result = ("pruned", outs)
+                if cfg.reconstruct_epochs:
+                    collector.remove()
+                    collector.stats.clear()
+                    loss0, loss1 = reconstruct_block(block, linears, inputs, dense_outs, cfg.reconstruct_epochs,
+                                                     cfg.reconstruct_lr, seed=bidx)
+                    report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
+                    outs = None  # recomputed by the pipeline with the refitted weights
+                result = BlockResult(outputs=outs, dense_outputs=dense_outs)
             else:
-                dense = []
+                outs = []
                 for b in range(len(inputs)):
                     collector.current = b
-                    dense.append(inputs.call(block, b))
+                    outs.append(inputs.call(block, b))
                     collector.end_batch(b)
                 for name in collector.order:
                     prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
-                result = dense
+                # these are the outputs before pruning: dense outputs when propagate=dense
+                result = BlockResult(dense_outputs=outs) if cfg.propagate == "dense" else None
         finally:
             collector.remove()
         block_entry(bidx, linears, t0)
         return result
 
     propagate = cfg.propagate
-    if cfg.sequential and propagate == "dense":
-        raise ValueError("prune.sequential=true propagates the pruned outputs; use prune.propagate=pruned")
     t_cal = time.perf_counter()
     run_sequential(model, calib_ids, process_block, batch_size=calib.batch_size, device=device,
-                   offload=cfg.offload, propagate=propagate, progress=progress, desc=f"prune {cfg.method}")
+                   offload=cfg.offload, propagate=propagate,
+                   dense_stream=cfg.error_correction or cfg.reconstruct_epochs > 0, progress=progress,
+                   desc=f"prune {cfg.method}")
     report.calib_seconds = time.perf_counter() - t_cal
     report.seconds = time.perf_counter() - t_start
     return report

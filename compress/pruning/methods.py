@@ -26,12 +26,14 @@ class InputStats:
     """Statistics of one linear input over the calibration tokens (all float32)."""
 
     PANEL = 192
+    SAMPLE_STRIDE = 32  # without H, the error is estimated on every 32nd token (at most sample_tokens)
 
-    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 1024, device=None):
+    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 512, device=None):
         self.tokens = 0
         # upper triangle only during accumulation (half the FLOPs of X^T X); see :attr:`H`
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self.sqnorm = torch.zeros(in_features, dtype=torch.float32, device=device) if sqnorm else None
+        self.G: Optional[torch.Tensor] = None  # X_dense^T X (error correction), allocated on first use
         self.sample_tokens = sample_tokens
         self.samples = []
         self._sampled = 0
@@ -44,9 +46,13 @@ class InputStats:
         return torch.triu(self._H) + torch.triu(self._H, 1).t()
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_dense: Optional[torch.Tensor] = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
+        if x_dense is not None:
+            if self.G is None:
+                self.G = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.G.addmm_(x_dense.reshape(-1, x.shape[-1]).float().t(), x)
         if self._H is not None:
             xt = x.t()
             for a in range(0, x.shape[1], self.PANEL):  # row panels of the upper triangle
@@ -54,8 +60,7 @@ class InputStats:
         if self.sqnorm is not None:
             self.sqnorm.add_(x.square().sum(0))
         if self._H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
-            step = max(1, n // 256)
-            take = x[::step][: self.sample_tokens - self._sampled]
+            take = x[:: self.SAMPLE_STRIDE][: self.sample_tokens - self._sampled]
             self.samples.append(take.clone())
             self._sampled += take.shape[0]
         self.tokens += n
@@ -193,8 +198,29 @@ class SparseGPT(PruningMethod):
     needs_hessian = True
 
     def prune_weight(self, weight, stats, sparsity, nm):
-        return sparsegpt_prune(weight, stats.H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp,
-                               getattr(self.cfg, "damp_mode", "mean"))
+        H = stats.H
+        if stats.G is not None:
+            weight = corrected_target(weight, H, stats.G, self.cfg.percdamp, self.cfg.damp_mode)
+        return sparsegpt_prune(weight, H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp, self.cfg.damp_mode)
+
+
+@torch.no_grad()
+def corrected_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float, damp_mode: str = "mean"):
+    """Least-squares weight that maps the pruned model's inputs to the dense model's outputs.
+
+    ``argmin_V ||W X_d - V X_p||`` = ``W G H^-1`` with ``G = X_d^T X_p`` and ``H = X_p^T X_p`` (damped as
+    in SparseGPT). Pruning this target with the usual OBS objective on ``H`` then minimises the error
+    against the dense outputs, so errors from earlier layers are corrected instead of copied.
+    """
+    diag = torch.diagonal(H)
+    damp = percdamp * (diag.mean() if damp_mode == "mean" else diag.median())
+    Hd = H.clone()
+    Hd.diagonal().add_(damp)
+    dead = diag == 0
+    Hd[dead, dead] = 1
+    L = torch.linalg.cholesky(Hd)
+    rhs = (W.float() @ G).t()  # [in, out]
+    return torch.cholesky_solve(rhs, L).t()
 
 
 def get_method(name: str, cfg) -> PruningMethod:

@@ -28,13 +28,13 @@ def owl_from_ratios(ratios: List[float], sparsity: float, lam: float) -> List[fl
 @torch.no_grad()
 def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, device=None, offload: bool = False,
                        progress: bool = True) -> List[float]:
-    from compress.calibration import run_sequential
+    from compress.calibration import BlockResult, run_sequential
     from compress.pruning.engine import _Collector, target_linears
     from compress.pruning.methods import Wanda
 
     ratios: List[float] = []
 
-    def process(bidx, block, inputs):
+    def process(bidx, block, inputs, dense=None):
         linears = target_linears(block, cfg)
         collector = _Collector(linears, Wanda(cfg), device)
         outs = []
@@ -48,7 +48,7 @@ def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, 
         scores = torch.cat([(m.weight.float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
                             for n, m in linears.items()])
         ratios.append(float((scores > cfg.owl_m * scores.mean()).float().mean()))
-        return outs
+        return BlockResult(dense_outputs=outs)
 
     run_sequential(model, calib_ids, process, batch_size=batch_size, device=device, offload=offload,
                    propagate="dense", progress=progress, desc="owl ratios")
