@@ -71,13 +71,20 @@ def _task(cfg) -> None:
         print(f"compress: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from compress.experiment import run_experiment
 
     hc = HydraConfig.get()
     recipe = hc.runtime.choices.get("recipe")
-    run_experiment(config, out_dir=hc.runtime.output_dir, recipe=None if recipe == "none" else recipe,
-                   resolved=cfg)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        run_experiment(config, out_dir=hc.runtime.output_dir, recipe=None if recipe == "none" else recipe,
+                       resolved=cfg, sweep_dir=hc.sweep.dir if multirun else None)
+    except Exception as e:  # in a sweep a failed cell is recorded (results.json) and the others go on
+        if not multirun:
+            raise
+        print(f"compress: cell {hc.runtime.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 # Names the stages accept. Kept here (not imported from the registries) so that validation never
 # imports torch; tests check these lists against the registries.
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
-TRAIN_METHODS = ("none",)
+TRAIN_METHODS = ("none", "full", "lora", "qlora")
 QUANT_METHODS = ("none",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("uniform", "list", "owl")

@@ -8,6 +8,9 @@ so a failure in a later stage keeps everything the earlier ones measured.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,22 +89,84 @@ def evaluate_into(ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
     return out
 
 
+def config_hash(cfg_dict: Dict) -> str:
+    """Identity of a cell: the resolved config (nothing about where it runs)."""
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_finished(out_dir: Path, chash: str, sweep_dir: Optional[Path] = None) -> Optional[Path]:
+    """A finished run of the same config: in ``out_dir`` or (in a sweep) any cell of the sweep."""
+    candidates = [out_dir / "results.json"]
+    if sweep_dir is not None:
+        candidates += sorted(Path(sweep_dir).glob("*/results.json"))
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("status") == "ok" and data.get("config_hash") == chash:
+            return path
+    return None
+
+
+def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -> None:
+    """In a sweep, evaluate the dense model once per model and eval protocol, into ``sweep_dir/dense-<hash>``."""
+    from compress.evaluate import size_metrics
+    from compress.record import RunRecord
+
+    base_cfg = dataclasses.replace(ctx.cfg, prune=type(ctx.cfg.prune)(), train=type(ctx.cfg.train)(),
+                                   quant=type(ctx.cfg.quant)(), description="dense baseline of the sweep")
+    base = dataclasses.asdict(base_cfg)
+    chash = config_hash({"model": base["model"], "eval": base["eval"]})
+    d = Path(sweep_dir) / f"dense-{chash}"
+    if find_finished(d, chash) is not None:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    try:  # one worker computes it; parallel workers skip
+        fd = os.open(d / ".lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+    except FileExistsError:
+        return
+    try:
+        rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
+                        description="dense baseline of the sweep")
+        rec.update_metrics(**size_metrics(ctx.model))
+        sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)
+        with rec.stage("eval", "perplexity") as info:
+            info["ppl"] = evaluate_into(sub)
+        rec.finish("ok")
+    finally:
+        os.unlink(d / ".lock")
+
+
 def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=None, model=None,
-                   tokenizer=None, print_summary: bool = True) -> Dict:
-    """Run the configured stages and return the record (also in ``out_dir/results.json``)."""
+                   tokenizer=None, print_summary: bool = True, sweep_dir=None, skip_finished: bool = True) -> Dict:
+    """Run the configured stages and return the record (also in ``out_dir/results.json``).
+
+    With ``skip_finished`` a config that already finished (same resolved config hash, status ok) in
+    ``out_dir`` or, in a sweep, in another cell of ``sweep_dir`` is not run again. In a sweep the dense
+    baseline is evaluated once (``sweep_dir/dense-<hash>/``).
+    """
     from compress.evaluate import size_metrics
     from compress.models import load_model, resolve_device
     from compress.record import RunRecord
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = _config_dict(cfg, resolved)
+    chash = config_hash(cfg_dict)
+    if skip_finished:
+        done = find_finished(out_dir, chash, sweep_dir)
+        if done is not None:
+            print(f"compress: {recipe or 'run'} already finished in {done.parent} (config {chash}): skipped")
+            return json.loads(done.read_text())
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
-    cfg_dict = _config_dict(cfg, resolved)
     from omegaconf import OmegaConf
 
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
-    rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description)
+    rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description,
+                    config_hash=chash)
     try:
         with rec.stage("load", cfg.model.name) as info:
             if model is None:
@@ -109,6 +174,9 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             info["dtype"] = str(next(model.parameters()).dtype)
         ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
         rec.update_metrics(**size_metrics(model))
+        compressing = any(getattr(cfg, n).method != "none" for n in STAGES)
+        if sweep_dir is not None and compressing:
+            _dense_baseline(ctx, Path(sweep_dir), recipe)
         for name, fn in STAGES.items():
             method = getattr(cfg, name).method
             if method == "none":

@@ -127,22 +127,49 @@ def load_text(source: str, role: str = "calib", text_field: str = "text") -> Tex
         "nor an existing file")
 
 
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    ident = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}:{getattr(tokenizer, 'vocab_size', '')}:{type(tokenizer).__name__}"
+    return hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
+
+
 @lru_cache(maxsize=8)
-def _tokenize_cached(tok_key: str, text_hash: str, text: str, tokenizer) -> "object":
+def _tokenize_cached(fingerprint: str, text_hash: str, text: str, tokenizer) -> "object":
+    """Token ids, cached per process and on disk (safetensors) so that sweep cells share them."""
     import torch
 
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    disk = None
+    try:
+        from safetensors.torch import load_file, save_file
+
+        from compress.models import cache_dir
+
+        disk = cache_dir() / "tokens" / f"{fingerprint}-{text_hash[:16]}.safetensors"
+        if disk.exists():
+            return load_file(disk)["ids"]
+    except Exception:  # a broken cache is only a cache
+        disk = None
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                       dtype=torch.long)
+    if disk is not None:
+        try:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(f".{os.getpid()}.tmp")
+            save_file({"ids": ids}, tmp)
+            os.replace(tmp, disk)
+        except OSError:
+            pass
+    return ids
 
 
 def tokenize(tokenizer, text: Text):
-    """Token ids of the whole text as one string, no special tokens (cached per process)."""
+    """Token ids of the whole text as one string, no special tokens (cached in process and on disk)."""
     import transformers.utils.logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than model max length"
     try:
-        return _tokenize_cached(getattr(tokenizer, "name_or_path", str(id(tokenizer))), text.sha256, text.text, tokenizer)
+        return _tokenize_cached(_tokenizer_fingerprint(tokenizer), text.sha256, text.text, tokenizer)
     finally:
         hf_logging.set_verbosity(verbosity)
 

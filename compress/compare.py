@@ -1,0 +1,158 @@
+"""``compress compare DIR [DIR ...]``: collect every ``results.json`` under the given directories into a
+tidy CSV, a Markdown table and plots.
+
+Runs whose evaluation protocols differ are not put in one table unless ``--mixed-protocols`` is given:
+perplexities measured on different windows or texts are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
+           "params_nonzero", "footprint_mb", "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb",
+           "status", "protocol", "run_dir"]
+
+
+def _protocol_key(data: Dict) -> str:
+    parts = []
+    for ds, p in sorted((data.get("protocol") or {}).items()):
+        if isinstance(p, dict) and "seqlen" in p and "windows" in p:
+            parts.append(f"{ds}:{p.get('sha256', '')[:8]}:{p['seqlen']}x{p['windows']}:bos={p.get('bos')}")
+    return ";".join(parts)
+
+
+def load_runs(dirs: List[str]) -> List[Dict]:
+    runs = []
+    for d in dirs:
+        for path in sorted(Path(d).rglob("results.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                print(f"compress compare: skipping {path}: {e}", file=sys.stderr)
+                continue
+            data["_dir"] = str(path.parent)
+            runs.append(data)
+    return runs
+
+
+def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict]:
+    rows = []
+    for data in runs:
+        cfg = data.get("config") or {}
+        prune = cfg.get("prune") or {}
+        m = data.get("metrics") or {}
+        ppl = m.get("ppl") or {}
+        ds = dataset or (next(iter(ppl)) if ppl else None)
+        stages = {s["name"]: s for s in data.get("stages", [])}
+        method = prune.get("method", "none")
+        rows.append({
+            "recipe": data.get("recipe") or ("dense" if method == "none" else method),
+            "method": method,
+            "pattern": prune.get("pattern", "") if method != "none" else "",
+            "sparsity_target": prune.get("sparsity") if method != "none" else 0.0,
+            "sparsity": m.get("sparsity"),
+            "ppl": ppl.get(ds) if ds else None,
+            "params_total": m.get("params_total"),
+            "params_nonzero": m.get("params_nonzero"),
+            "footprint_mb": m.get("footprint_mb"),
+            "prune_seconds": (stages.get("prune") or {}).get("seconds"),
+            "train_seconds": (stages.get("train") or {}).get("seconds"),
+            "quant_seconds": (stages.get("quant") or {}).get("seconds"),
+            "peak_memory_mb": max((s.get("peak_memory_mb") or 0) for s in stages.values()) if stages else None,
+            "status": data.get("status"),
+            "protocol": _protocol_key(data),
+            "run_dir": data["_dir"],
+        })
+    dense = [r["ppl"] for r in rows if r["method"] == "none" and r["ppl"]]
+    for r in rows:
+        r["delta_vs_dense"] = (r["ppl"] - dense[0]) if dense and r["ppl"] is not None else None
+    rows.sort(key=lambda r: (r["method"] != "none", r["method"], r["pattern"], r["sparsity_target"] or 0, r["recipe"]))
+    return rows
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    head = ["recipe", "method", "pattern", "sparsity", "ppl", "Δ vs dense", "non-zero params", "footprint MiB",
+            "prune s", "train s", "peak MiB", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def f(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}"), f(r["ppl"]),
+            f(r["delta_vs_dense"], "{:+.2f}"), f(r["params_nonzero"], "{:,}"), f(r["footprint_mb"], "{:.0f}"),
+            f(r["prune_seconds"], "{:.1f}"), f(r["train_seconds"], "{:.1f}"), f(r["peak_memory_mb"], "{:.0f}"),
+            str(r["status"])]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: Dict[str, List] = {}
+    dense = None
+    for r in rows:
+        if r["ppl"] is None or r["status"] != "ok":
+            continue
+        if r["method"] == "none":
+            dense = r["ppl"]
+            continue
+        by_method.setdefault(f"{r['method']} {r['pattern']}", []).append((r["sparsity"], r["ppl"]))
+    for label, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", label=f"dense ({dense:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of prunable linears")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("perplexity vs sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="compress compare", description=__doc__)
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--out", default=None, help="output directory (default: the first DIR)")
+    ap.add_argument("--dataset", default=None, help="which ppl to compare (default: the first in each run)")
+    ap.add_argument("--mixed-protocols", action="store_true", help="allow runs with different eval protocols")
+    args = ap.parse_args(argv)
+    runs = load_runs(args.dirs)
+    if not runs:
+        print(f"compress compare: no results.json under {' '.join(args.dirs)}", file=sys.stderr)
+        return 1
+    rows = rows_from_runs(runs, args.dataset)
+    protocols = {r["protocol"] for r in rows if r["ppl"] is not None}
+    if len(protocols) > 1 and not args.mixed_protocols:
+        print("compress compare: refusing to compare runs with different evaluation protocols:", file=sys.stderr)
+        for p in sorted(protocols):
+            print(f"  {p}: " + ", ".join(r["run_dir"] for r in rows if r["protocol"] == p), file=sys.stderr)
+        print("Their perplexities are not comparable; pass --mixed-protocols to tabulate them anyway.", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "comparison.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    md = markdown_table(rows)
+    (out / "comparison.md").write_text(md + "\n\nprotocol: " + "; ".join(sorted(protocols)) + "\n")
+    plot(rows, out / "ppl_vs_sparsity.png")
+    print(md)
+    print(f"\nwrote {out / 'comparison.csv'}, {out / 'comparison.md'}, {out / 'ppl_vs_sparsity.png'}")
+    return 0

@@ -1,0 +1,118 @@
+"""The ML tests that catch silent failures in the shared trainer (tiny models, CPU)."""
+
+import pytest
+import torch
+
+from compress.config import PruneConfig, TrainConfig
+from compress.pruning import prune_model
+from compress.training import Trainer, check_masks, record_masks
+
+
+def _ids(n=16, seqlen=32, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _cfg(**kw):
+    base = dict(method="full", max_steps=4, micro_batch_size=4, seqlen=32, lr=1e-3, log_every=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_model, tmp_path):
+    model = tiny_model("llama")
+    t = Trainer(model, _cfg(max_steps=30, micro_batch_size=4, lr=3e-3), _ids(4), out_dir=tmp_path)
+    t.fit()
+    losses = [h["loss"] for h in t.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 31
+
+
+def test_accumulation_equals_large_batch(tiny_model):
+    ids = _ids(8)
+    b = Trainer(tiny_model("qwen2", seed=1), _cfg(max_steps=1, micro_batch_size=2, grad_accum=2, optimizer="sgd",
+                                                  lr=0.5), ids)
+    a = Trainer(tiny_model("qwen2", seed=1), _cfg(max_steps=1, micro_batch_size=4, grad_accum=1, optimizer="sgd",
+                                                  lr=0.5), ids)
+    ma, mb = a.fit(), b.fit()  # both exist at once: each must keep its own accumulation setting
+    with torch.no_grad():
+        diffs = [float((pa - pb).abs().max()) for pa, pb in zip(ma.parameters(), mb.parameters())]
+        moved = max(float((pa - p0).abs().max()) for pa, p0 in zip(ma.parameters(), tiny_model("qwen2", seed=1).parameters()))
+    assert moved > 1e-3
+    assert max(diffs) < 1e-5
+
+
+def test_activation_checkpointing_same_loss_and_grads(tiny_model):
+    ids = _ids(2)
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model("llama", seed=2)
+        m.train()
+        if ckpt:
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1])
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_adam_steps_on_cpu(tiny_model, opt):
+    import bitsandbytes as bnb
+
+    model = tiny_model("llama", seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    t = Trainer(model, _cfg(optimizer=opt, max_steps=3, lr=1e-3), _ids(12))
+    assert isinstance(t.opt.optimizer, bnb.optim.optimizer.Optimizer8bit)
+    m = t.fit()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in t.history)
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, m.parameters()))
+    state = t.opt.optimizer.state
+    assert any(v.dtype == torch.uint8 for s in state.values() for v in s.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_masks_survive_training(tiny_model, calib_ids, method):
+    model = tiny_model("llama", seed=4)
+    prune_model(model, None, PruneConfig(method="wanda", pattern="2:4"), calib_ids=calib_ids, progress=False)
+    masks = record_masks(model)
+    assert len(masks) == 14
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    t = Trainer(model, _cfg(method=method, max_steps=5, lr=5e-3), _ids(8), masks=masks)
+    out = t.fit()
+    check = check_masks(out, masks, (2, 4))
+    assert check["pruned_weights_still_zero"] and check["nm_exact"]
+    after = out.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(before, after)  # it did train
+    assert type(out).__name__ == "LlamaForCausalLM"  # LoRA merged back into a plain model
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_model, tmp_path):
+    ids = _ids(16)
+    full = Trainer(tiny_model("llama", seed=5), _cfg(max_steps=6, micro_batch_size=2, save_every=3), ids,
+                   out_dir=tmp_path / "a")
+    full.fit()
+    part = Trainer(tiny_model("llama", seed=5), _cfg(max_steps=6, micro_batch_size=2), ids, out_dir=tmp_path / "b")
+    part.fit(resume=str(tmp_path / "a" / "checkpoints" / "step-3"))
+    la = [h["loss"] for h in full.history]
+    lb = [h["loss"] for h in part.history]
+    assert len(lb) == 6 and lb[:3] == la[:3]
+    assert lb[3:] == pytest.approx(la[3:], rel=1e-6)
+
+
+def test_same_seed_identical_losses(tiny_model):
+    runs = [Trainer(tiny_model("gpt_neox", seed=6), _cfg(max_steps=4), _ids(16)) for _ in range(2)]
+    for r in runs:
+        r.fit()
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+
+
+def test_distillation_loss_runs(tiny_model):
+    teacher = tiny_model("llama", seed=7)
+    student = tiny_model("llama", seed=7)
+    prune_model(student, None, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    t = Trainer(student, _cfg(max_steps=3, distill=True, distill_alpha=0.5), _ids(12), teacher=teacher)
+    t.fit()
+    assert all(h["loss"] > 0 for h in t.history)
