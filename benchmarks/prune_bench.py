@@ -83,13 +83,15 @@ def main(argv=None):
     calib = CalibConfig(nsamples=32, seqlen=512, seed=0, batch_size=1)
     model, tok = load_model(mcfg)
     ids, calib_info = load_calibration(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed)
-    fwd = dense_forward_seconds(model, ids, calib.batch_size)
+    with PeakMemory(args.device) as fwd_mem:
+        fwd = dense_forward_seconds(model, ids, calib.batch_size)
     dense_ppl = perplexity(model, tok, progress=False)["ppl"]
     print(f"dense forward over {ids.numel()} calibration tokens: {fwd:.1f}s; dense ppl {dense_ppl:.3f}", flush=True)
     rows = []
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__},
            "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl,
+           "dense_forward_peak_memory_mb": fwd_mem.peak_mb,
            "rows": rows}
     for name in names:
         kwargs, ref_ppl, ref_s = configs[name]
@@ -117,8 +119,8 @@ def main(argv=None):
 
 
 def markdown(out) -> str:
-    lines = [f"dense forward over the calibration tokens: {out['dense_forward_seconds']:.1f} s; "
-             f"dense ppl {out['dense_ppl']:.2f}", "",
+    lines = [f"dense forward over the calibration tokens: {out['dense_forward_seconds']:.1f} s, peak RSS "
+             f"{out['dense_forward_peak_memory_mb']:.0f} MiB; dense ppl {out['dense_ppl']:.2f}", "",
              "| config | mode | ppl | ref ppl | ppl / ref | prune s | × dense fwd | sparsity | N:M exact | peak RSS MiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in out["rows"]:

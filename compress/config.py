@@ -195,6 +195,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     log_every: int = 10
     eval_every: int = 0  # 0 = no periodic eval
+    eval_before: bool = True  # perplexity before training too (metrics.ppl_before_train)
     save_every: int = 0
     resume: Optional[str] = None
     pin_memory: bool = False

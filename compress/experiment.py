@@ -109,6 +109,26 @@ def find_finished(out_dir: Path, chash: str, sweep_dir: Optional[Path] = None) -
     return None
 
 
+def _take_lock(path: Path) -> bool:
+    """Create ``path`` holding our pid; a lock left by a dead process (a killed sweep) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # held by a live process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+            except PermissionError:
+                return False
+    return False
+
+
 def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -> None:
     """In a sweep, evaluate the dense model once per model and eval protocol, into ``sweep_dir/dense-<hash>``."""
     from compress.evaluate import size_metrics
@@ -122,10 +142,7 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
     if find_finished(d, chash) is not None:
         return
     d.mkdir(parents=True, exist_ok=True)
-    try:  # one worker computes it; parallel workers skip
-        fd = os.open(d / ".lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-    except FileExistsError:
+    if not _take_lock(d / ".lock"):  # another live worker computes it
         return
     try:
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,

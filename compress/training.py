@@ -349,6 +349,11 @@ def train_stage(ctx, info: Dict):
         return perplexity(m, ctx.tokenizer, e.datasets[0], e.seqlen, e.max_windows, e.batch_size, e.add_bos,
                           progress=False)["ppl"]
 
+    if cfg.eval_before:
+        before = eval_fn(model)
+        info["ppl_before_train"] = before
+        ctx.record.data["metrics"]["ppl_before_train"] = {e.datasets[0]: before}
+        ctx.record.save()
     trainer = Trainer(model, cfg, ids, out_dir=ctx.out_dir, teacher=teacher, eval_fn=eval_fn, masks=masks,
                       device=ctx.device)
     model = trainer.fit(resume=cfg.resume)

@@ -116,3 +116,18 @@ def test_distillation_loss_runs(tiny_model):
     t = Trainer(student, _cfg(max_steps=3, distill=True, distill_alpha=0.5), _ids(12), teacher=teacher)
     t.fit()
     assert all(h["loss"] > 0 for h in t.history)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_backward_on_cpu(tiny_model, bits):
+    """Real bitsandbytes quantized base (NF4 / int8) + LoRA adapters: loss goes down, base stays frozen."""
+    import bitsandbytes as bnb
+
+    model = tiny_model("llama", seed=8)
+    t = Trainer(model, _cfg(method="qlora", qlora_bits=bits, max_steps=8, lr=5e-3, micro_batch_size=2), _ids(2))
+    kinds = {type(m) for m in t.model.modules()}
+    assert (bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt) in kinds
+    trainable = [n for n, p in t.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    t.fit()
+    assert t.history[-1]["loss"] < t.history[0]["loss"]

@@ -189,13 +189,18 @@ def _run_greenlets(block: nn.Module, inputs: BlockInputs, collector: _Collector,
     return outs  # type: ignore[return-value]
 
 
+def _rel_err(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out.float() - target.float()).square().sum() / target.float().square().sum().clamp_min(1e-12)
+
+
 def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: BlockInputs, targets: List[torch.Tensor],
-                      epochs: int, lr: float, seed: int = 0):
+                      epochs: int, lr: float, seed: int = 0, outputs: Optional[List[torch.Tensor]] = None):
     """Refit the kept weights of ``linears`` (masks fixed) so that ``block(inputs) ~= targets``.
 
     Adam on the relative squared error, one calibration batch per step, ``epochs`` passes in a seeded
     order. Pruned weights get no gradient and are re-zeroed after every step, so masks stay exact.
-    Returns the mean relative loss before and after.
+    ``outputs`` are the block's outputs before the refit (for the "before" loss, saving a pass).
+    Returns ``(loss_before, loss_after, new_outputs)``.
     """
     weights = [m.weight for m in linears.values()]
     masks = [w != 0 for w in weights]
@@ -206,19 +211,15 @@ def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: B
         w.requires_grad_(True)
     opt = torch.optim.Adam(weights, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-
-    def rel(b):
-        out = inputs.call(block, b)
-        t = targets[b]
-        return (out.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-12)
-
     try:
         with torch.no_grad():
-            before = sum(float(rel(b)) for b in range(len(inputs))) / len(inputs)
+            if outputs is None:
+                outputs = [inputs.call(block, b) for b in range(len(inputs))]
+            before = sum(float(_rel_err(o, t)) for o, t in zip(outputs, targets)) / len(inputs)
         with torch.enable_grad():
             for _ in range(epochs):
                 for b in torch.randperm(len(inputs), generator=gen).tolist():
-                    loss = rel(b)
+                    loss = _rel_err(inputs.call(block, b), targets[b])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     for w, m in zip(weights, masks):
@@ -228,12 +229,13 @@ def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: B
                         for w, m in zip(weights, masks):
                             w.mul_(m)
         with torch.no_grad():
-            after = sum(float(rel(b)) for b in range(len(inputs))) / len(inputs)
+            new = [inputs.call(block, b) for b in range(len(inputs))]
+            after = sum(float(_rel_err(o, t)) for o, t in zip(new, targets)) / len(inputs)
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
             p.grad = None
-    return before, after
+    return before, after, new
 
 
 def _block_sparsity(linears: Dict[str, nn.Linear]) -> float:
@@ -335,10 +337,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                 if cfg.reconstruct_epochs:
                     collector.remove()
                     collector.stats.clear()
-                    loss0, loss1 = reconstruct_block(block, linears, inputs, dense_outs, cfg.reconstruct_epochs,
-                                                     cfg.reconstruct_lr, seed=bidx)
+                    loss0, loss1, outs = reconstruct_block(block, linears, inputs, dense_outs, cfg.reconstruct_epochs,
+                                                           cfg.reconstruct_lr, seed=bidx, outputs=outs)
                     report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
-                    outs = None  # recomputed by the pipeline with the refitted weights
                 result = BlockResult(outputs=outs, dense_outputs=dense_outs)
             else:
                 outs = []

@@ -1,0 +1,98 @@
+"""Memory and throughput of the trainer's memory tricks, one configuration per fresh process.
+
+Setup: the embedded SmolLM2-135M, seq 512, micro-batch 4 (accumulation: micro-batch 1 x 4), a fixed
+number of optimizer steps on the WikiText-2 validation text. Peak memory is the process's peak RSS on
+CPU (VmHWM, the whole process: weights, activations, optimizer state, Python) or
+``torch.cuda.max_memory_allocated`` on GPU. Tokens/s excludes the first (warm-up) step.
+
+    python benchmarks/train_memory.py                 # all configurations (about 10 min on 2 CPU cores)
+    python benchmarks/train_memory.py --only plain,lora_ckpt_8bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "plain": dict(method="full", optimizer="adamw"),
+    "ckpt": dict(method="full", optimizer="adamw", activation_checkpointing=True),
+    "adamw_8bit": dict(method="full", optimizer="adamw_8bit"),
+    "accum_1x4": dict(method="full", optimizer="adamw", micro_batch_size=1, grad_accum=4),
+    "lora": dict(method="lora", optimizer="adamw"),
+    "qlora_nf4": dict(method="qlora", qlora_bits=4, optimizer="adamw"),
+    "lora_ckpt_8bit": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True),
+    "qlora_ckpt_8bit": dict(method="qlora", qlora_bits=4, optimizer="adamw_8bit", activation_checkpointing=True),
+}
+
+
+def one(name: str, steps: int, device: str) -> dict:
+    import torch
+
+    from compress.config import ModelConfig, TrainConfig
+    from compress.data import packed_sequences
+    from compress.models import load_model
+    from compress.record import PeakMemory
+    from compress.training import Trainer
+
+    kw = dict(max_steps=steps, micro_batch_size=4, seqlen=512, lr=1e-5, log_every=1, seed=0)
+    kw.update(CONFIGS[name])
+    cfg = TrainConfig(**kw)
+    with PeakMemory(device) as mem:
+        model, tok = load_model(ModelConfig(device=device))
+        ids, _ = packed_sequences(tok, "wikitext2", 512)
+        t = Trainer(model, cfg, ids, device=device)
+        t.fit()
+    hist = t.history
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seqlen
+    dt = hist[-1]["seconds"] - hist[0]["seconds"]
+    return {"name": name, "config": CONFIGS[name], "steps": steps, "peak_memory_mb": mem.peak_mb,
+            "peak_kind": mem.kind, "tokens_per_s": tokens_per_step * (len(hist) - 1) / dt if dt > 0 else None,
+            "final_loss": hist[-1]["loss"], "device": device, "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="benchmarks/results/train_memory.json")
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.steps, args.device)), flush=True)
+        return 0
+    rows = []
+    for name in (args.only.split(",") if args.only else CONFIGS):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device],
+                           capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            rows.append({"name": name, "error": p.stderr[-2000:]})
+            print(f"{name}: FAILED\n{p.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(line[0][7:])
+        row["wall_s"] = time.time() - t0
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    base = next((r for r in rows if r["name"] == "plain" and "peak_memory_mb" in r), None)
+    print("| config | peak MiB | × plain | tokens/s | × plain |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "peak_memory_mb" not in r:
+            print(f"| {r['name']} | failed | | | |")
+            continue
+        rm = r["peak_memory_mb"] / base["peak_memory_mb"] if base else float("nan")
+        rt = r["tokens_per_s"] / base["tokens_per_s"] if base and r["tokens_per_s"] else float("nan")
+        print(f"| {r['name']} | {r['peak_memory_mb']:.0f} | {rm:.2f} | {r['tokens_per_s']:.0f} | {rt:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

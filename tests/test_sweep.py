@@ -1,0 +1,67 @@
+"""Sweeps through the CLI (Hydra multirun) on the real model: dense once, skip finished, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ARGS = ["-m", "prune=magnitude", "prune.sparsity=0.3,0.5", "eval.seqlen=128", "eval.max_windows=2"]
+
+
+def _sweep(d, cwd, extra=()):
+    return subprocess.run([sys.executable, "-m", "compress", *ARGS, *extra, f"hydra.sweep.dir={d}"], capture_output=True,
+                          text=True, timeout=900, cwd=cwd)
+
+
+def _results(d):
+    return [json.loads(p.read_text()) for p in sorted(d.rglob("results.json"))]
+
+
+def test_sweep_compare_skip_and_resume(tmp_path):
+    d = tmp_path / "sweep"
+    # start, kill it in the middle of the second cell, re-run: the grid completes without duplicates
+    p = subprocess.Popen([sys.executable, "-m", "compress", *ARGS, f"hydra.sweep.dir={d}"], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (d / "1" / "results.json").exists():
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (d / "1" / "results.json").exists()
+    assert json.loads((d / "1" / "results.json").read_text())["status"] == "running"
+    r = _sweep(d, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = _results(d)
+    assert sorted((x["recipe"] or x["config"]["prune"]["method"], x["status"]) for x in runs) == [
+        ("dense", "ok"), ("magnitude", "ok"), ("magnitude", "ok")]
+    dense = [x for x in runs if x["recipe"] == "dense"]
+    assert len(dense) == 1  # evaluated once for the sweep
+    # a second run skips the finished cells
+    t0 = time.time()
+    r = _sweep(d, tmp_path)
+    assert r.returncode == 0 and r.stdout.count("skipped") == 2
+    assert time.time() - t0 < 60
+    assert len(_results(d)) == 3
+    # compare: table, CSV, PNG
+    c = subprocess.run([sys.executable, "-m", "compress", "compare", str(d)], capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.count("| magnitude |") == 2 and "| dense |" in c.stdout
+    assert (d / "comparison.csv").read_text().count("\n") == 4
+    assert (d / "ppl_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_compare_refuses_mixed_protocols(tmp_path):
+    for i, w in enumerate((2, 3)):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps({
+            "status": "ok", "config": {"prune": {"method": "none"}}, "metrics": {"ppl": {"wikitext2": 30.0}},
+            "protocol": {"wikitext2": {"sha256": "ab", "seqlen": 512, "windows": w, "bos": False}}, "stages": []}))
+    c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path)], capture_output=True, text=True)
+    assert c.returncode == 2 and "different evaluation protocols" in c.stderr
+    c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path), "--mixed-protocols"],
+                       capture_output=True, text=True)
+    assert c.returncode == 0
