@@ -141,6 +141,15 @@ class _Collector:
     def end_batch(self, key):
         self._seen.pop(key, None)
 
+    def forward_all(self, block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
+        """Run every batch through ``block`` with the hooks live (statistics or recording)."""
+        outs = []
+        for b in range(len(inputs)):
+            self.current = b
+            outs.append(inputs.call(block, b))
+            self.end_batch(b)
+        return outs
+
     def remove(self):
         for h in self.handles:
             h.remove()
@@ -322,11 +331,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
             dense_outs = None
             if dense is not None:  # the dense block's outputs (and inputs, for error correction), before pruning
                 collector.record = cfg.error_correction
-                dense_outs = []
-                for b in range(len(dense)):
-                    collector.current = b
-                    dense_outs.append(dense.call(block, b))
-                    collector.end_batch(b)
+                dense_outs = collector.forward_all(block, dense)
                 if cfg.error_correction:
                     collector.record = False
                     collector.dense_inputs = collector.recorded
@@ -342,11 +347,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                     report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
                 result = BlockResult(outputs=outs, dense_outputs=dense_outs)
             else:
-                outs = []
-                for b in range(len(inputs)):
-                    collector.current = b
-                    outs.append(inputs.call(block, b))
-                    collector.end_batch(b)
+                outs = collector.forward_all(block, inputs)
                 for name in collector.order:
                     prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
                 # these are the outputs before pruning: dense outputs when propagate=dense

@@ -37,12 +37,8 @@ def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, 
     def process(bidx, block, inputs, dense=None):
         linears = target_linears(block, cfg)
         collector = _Collector(linears, Wanda(cfg), device)
-        outs = []
         try:
-            for b in range(len(inputs)):
-                collector.current = b
-                outs.append(inputs.call(block, b))
-                collector.end_batch(b)
+            outs = collector.forward_all(block, inputs)
         finally:
             collector.remove()
         scores = torch.cat([(m.weight.float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
