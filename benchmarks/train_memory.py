@@ -26,6 +26,7 @@ CONFIGS = {
     "lora": dict(method="lora", optimizer="adamw"),
     "qlora_nf4": dict(method="qlora", qlora_bits=4, optimizer="adamw"),
     "lora_ckpt_8bit": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True),
+    "lora_ckpt_8bit_chunked": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True, chunked_loss=512),
     "qlora_ckpt_8bit": dict(method="qlora", qlora_bits=4, optimizer="adamw_8bit", activation_checkpointing=True),
 }
 

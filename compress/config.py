@@ -184,6 +184,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     precision: str = "fp32"
     activation_checkpointing: bool = False
+    chunked_loss: int = 0  # >0: LM loss over chunks of this many tokens, logits recomputed in backward (single process)
     source: str = "wikitext2"  # training text: the calibration/validation text by default, never eval
     lora_r: int = 16
     lora_alpha: int = 32

@@ -201,7 +201,30 @@ class Trainer:
         self.history: List[Dict] = []
 
     # -- loss
+    def chunked_lm_loss(self, batch):
+        """Causal-LM loss without materialising the full logits: the LM head and cross-entropy run over
+        chunks of tokens under activation checkpointing, so at most one chunk of logits is alive. For a
+        49k vocabulary the full fp32 logits of 4 x 512 tokens (and their gradient) are about 0.8 GB.
+        Calls the decoder directly, so it is for single-process runs (not under DDP/FSDP wrappers)."""
+        from torch.utils.checkpoint import checkpoint
+
+        base = self.acc.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        h = base.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+        head = base.get_output_embeddings()
+        h = h[:, :-1].reshape(-1, h.shape[-1])
+        y = batch[:, 1:].reshape(-1)
+
+        def piece(hh, yy):
+            return F.cross_entropy(head(hh).float(), yy, reduction="sum")
+
+        n = self.cfg.chunked_loss
+        total = sum(checkpoint(piece, h[i:i + n], y[i:i + n], use_reentrant=False) for i in range(0, y.numel(), n))
+        return total / y.numel()
+
     def loss_fn(self, batch):
+        if self.cfg.chunked_loss and not (self.teacher is not None and self.cfg.distill):
+            return self.chunked_lm_loss(batch)
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
         loss = out.loss
         if self.teacher is not None and self.cfg.distill:

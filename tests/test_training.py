@@ -131,3 +131,16 @@ def test_qlora_backward_on_cpu(tiny_model, bits):
     assert trainable and all("lora_" in n for n in trainable)
     t.fit()
     assert t.history[-1]["loss"] < t.history[0]["loss"]
+
+
+def test_chunked_loss_equals_full_loss_and_grads(tiny_model):
+    ids = _ids(4)
+    res = []
+    for chunk in (0, 7):
+        t = Trainer(tiny_model("llama", seed=9), _cfg(chunked_loss=chunk), ids)
+        loss = t.loss_fn(ids)
+        loss.backward()
+        res.append((float(loss), [p.grad.clone() for p in t.model.parameters() if p.grad is not None]))
+    assert res[0][0] == pytest.approx(res[1][0], rel=1e-5)
+    for a, b in zip(res[0][1], res[1][1]):
+        assert torch.allclose(a, b, atol=1e-5)
