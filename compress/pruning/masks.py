@@ -23,40 +23,33 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
     k = int(round(flat.shape[-1] * sparsity))
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    # kthvalue (selection) is much cheaper than a sort; fall back to a stable sort only for rows
-    # where ties straddle the threshold, so that exactly k entries go.
-    thresh = torch.kthvalue(flat.float(), k, dim=-1, keepdim=True).values
-    keep = flat.float() > thresh
-    bad = (~keep).sum(-1) != k
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()
-        sub = torch.ones_like(flat[rows], dtype=torch.bool)
-        idx = torch.sort(flat[rows], dim=-1, stable=True).indices[:, :k]
-        keep[rows] = sub.scatter_(-1, idx, False)
-    return keep.view_as(scores)
+    # kthvalue (selection) is much cheaper than a sort. Entries equal to the threshold are pruned in
+    # position order until exactly k are gone (the same tie rule as a stable sort), without sorting.
+    f = flat.float()
+    thresh = torch.kthvalue(f, k, dim=-1, keepdim=True).values
+    below = f < thresh
+    tied = f == thresh
+    need = k - below.sum(-1, keepdim=True)
+    prune = below | (tied & (torch.cumsum(tied.int(), dim=-1) <= need))
+    return (~prune).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row.
+    """Keep ``n`` of every ``m`` consecutive columns of each row: the ``m - n`` lowest scores are pruned.
 
-    A trailing partial group (columns not divisible by ``m``) keeps ``min(n, size)`` entries.
+    Pruning the lowest (rather than keeping the highest) is the reference implementations' rule, which
+    matters when scores tie (dequantized 4-bit weights tie often). A trailing partial group (columns not
+    divisible by ``m``) keeps ``min(n, size)`` entries.
     """
     rows, cols = scores.shape
     pad = (-cols) % m
     s = scores.float()
-    if pad:
+    if pad:  # -inf padding is pruned first, so a partial group of r real entries keeps min(n, r)
         s = torch.cat([s, torch.full((rows, pad), float("-inf"), device=s.device)], dim=1)
     g = s.view(rows, -1, m)
-    keep = torch.topk(g, n, dim=-1, sorted=False).indices
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True).view(rows, -1)
-    mask = mask[:, :cols]
-    if pad:  # padded -inf entries may have been "kept"; re-rank the partial group among real entries
-        tail = cols - (cols % m)
-        r = cols - tail
-        keep_tail = torch.topk(scores[:, tail:].float(), min(n, r), dim=-1).indices + tail
-        mask[:, tail:] = False
-        mask.scatter_(1, keep_tail, True)
-    return mask
+    drop = torch.topk(g, m - n, dim=-1, largest=False).indices
+    mask = torch.ones_like(g, dtype=torch.bool).scatter_(-1, drop, False).view(rows, -1)
+    return mask[:, :cols]
 
 
 def make_mask(scores: torch.Tensor, sparsity: float, nm: Optional[Tuple[int, int]] = None, per_row: bool = True) -> torch.Tensor:
