@@ -128,7 +128,8 @@ class PruneConfig:
     # min ||W X_dense - W' X_pruned||, instead of the layer's own outputs (needs sequential=true)
     error_correction: bool = False
     # after pruning a block, refit its kept weights (masks fixed) so that the block reproduces the dense
-    # model's block outputs on the calibration samples: Adam, this many epochs over the samples (0 = off)
+    # model's block outputs on the calibration samples: Adam, this many epochs over the samples (0 = off).
+    # Statistics then cover each linear's inputs in both the dense and the pruned model.
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 1e-4
 
