@@ -89,34 +89,28 @@ def _to(obj, device):
 
 
 @contextlib.contextmanager
-def _onloaded(model: nn.Module, blocks: nn.ModuleList, device, offload: bool):
+def _onloaded(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, device, offload: bool):
     """Put everything but the blocks on ``device`` (blocks stay where they are when offloading)."""
     if not offload:
         model.to(device)
         yield
         return
-    saved = list(blocks)
-    holder = nn.ModuleList()
-    # detach the blocks so that model.to() does not move them
-    parent_name, _ = find_blocks(model)
-    parent = model.get_submodule(parent_name.rsplit(".", 1)[0]) if "." in parent_name else model
-    attr = parent_name.rsplit(".", 1)[-1]
-    setattr(parent, attr, holder)
+    # detach the blocks while moving the model, so that model.to() leaves them where they are
+    parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
+    attr = blocks_name.rsplit(".", 1)[-1]
+    setattr(parent, attr, nn.ModuleList())
     try:
         model.to(device)
     finally:
         setattr(parent, attr, blocks)
-    try:
-        yield
-    finally:
-        del saved
+    yield
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, device=None,
                          offload: bool = False) -> BlockInputs:
     """Run the model up to its first block and record every input that block receives, per batch."""
-    _, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     captured = BlockInputs()
 
@@ -142,7 +136,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        with _onloaded(model, blocks, device, offload):
+        with _onloaded(model, blocks_name, blocks, device, offload):
             for start in range(0, input_ids.shape[0], batch_size):
                 batch = input_ids[start:start + batch_size].to(device)
                 try:

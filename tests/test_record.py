@@ -11,9 +11,6 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     p = tmp_path / "results.json"
     atomic_write_json(p, {"a": 1})
 
-    class Boom:
-        pass
-
     def bad_dump(*a, **k):
         raise RuntimeError("disk full")
 
