@@ -68,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--modes", default="seq", help="comma-separated: seq (single pass), ref (reference behaviour)")
     ap.add_argument("--extra", default="", help="JSON dict of name -> PruneConfig kwargs to add (e.g. recipes)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="model dtype (statistics and Hessians are float32 anyway)")
     ap.add_argument("--out", default="benchmarks/results/prune_p1.json")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
@@ -79,7 +80,7 @@ def main(argv=None):
         print("\n".join(configs))
         return 0
     names = [n for n in (args.only.split(",") if args.only else configs) if n]
-    mcfg = ModelConfig(device=args.device)
+    mcfg = ModelConfig(device=args.device, dtype=args.dtype)
     calib = CalibConfig(nsamples=32, seqlen=512, seed=0, batch_size=1)
     model, tok = load_model(mcfg)
     ids, calib_info = load_calibration(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed)
@@ -89,7 +90,8 @@ def main(argv=None):
     print(f"dense forward over {ids.numel()} calibration tokens: {fwd:.1f}s; dense ppl {dense_ppl:.3f}", flush=True)
     rows = []
     out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__},
+                       "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__},
            "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl,
            "dense_forward_peak_memory_mb": fwd_mem.peak_mb,
            "rows": rows}

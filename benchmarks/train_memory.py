@@ -22,12 +22,14 @@ CONFIGS = {
     "plain": dict(method="full", optimizer="adamw"),
     "ckpt": dict(method="full", optimizer="adamw", activation_checkpointing=True),
     "adamw_8bit": dict(method="full", optimizer="adamw_8bit"),
+    "bf16": dict(method="full", optimizer="adamw", precision="bf16"),
     "accum_1x4": dict(method="full", optimizer="adamw", micro_batch_size=1, grad_accum=4),
     "lora": dict(method="lora", optimizer="adamw"),
     "qlora_nf4": dict(method="qlora", qlora_bits=4, optimizer="adamw"),
     "lora_ckpt_8bit": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True),
     "lora_ckpt_8bit_chunked": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True, chunked_loss=512),
     "qlora_ckpt_8bit": dict(method="qlora", qlora_bits=4, optimizer="adamw_8bit", activation_checkpointing=True),
+    "lora_ckpt_8bit_bf16": dict(method="lora", optimizer="adamw_8bit", activation_checkpointing=True, precision="bf16"),
 }
 
 

@@ -55,9 +55,11 @@ def list_options() -> str:
             lines.append(f"  {path.stem:<28} {recipe_description(path)}")
     lines.append("")
     lines.append("Config groups (compress GROUP=OPTION):")
-    for group in sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_")):
+    for group in sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith(("_", "hydra"))):
         options = sorted(f.stem for f in group.glob("*.yaml"))
         lines.append(f"  {group.name:<10} {', '.join(options)}")
+    launchers = sorted(f.stem for f in (config_dir() / "hydra" / "launcher").glob("*.yaml"))
+    lines.append(f"  {'hydra/launcher':<10} basic (default), {', '.join(launchers)}   (sweeps: compress -m hydra/launcher=NAME ...)")
     lines.append("")
     lines.append("Subcommands: compress list | compress compare DIR [DIR ...]")
     lines.append("Any key can be overridden, e.g. compress recipe=wanda_50 prune.sparsity=0.6 eval.max_windows=10")

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
-           "params_nonzero", "footprint_mb", "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb",
+           "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s", "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb",
            "status", "protocol", "run_dir"]
+
+
+ZERO_SHOT_METRICS = ("acc", "acc_norm")
+
+
+def zero_shot_columns(rows: List[Dict]) -> List[str]:
+    return sorted({k for r in rows for k in r if k.split(":")[0] in ZERO_SHOT_METRICS and ":" in k})
 
 
 def _protocol_key(data: Dict) -> str:
@@ -61,6 +68,11 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "params_total": m.get("params_total"),
             "params_nonzero": m.get("params_nonzero"),
             "footprint_mb": m.get("footprint_mb"),
+            "footprint_sparse_mb": m.get("footprint_sparse_mb"),
+            "tokens_per_s": (m.get("speed") or {}).get("tokens_per_s"),
+            "sparse24_tokens_per_s": (m.get("speed") or {}).get("sparse24_tokens_per_s"),
+            **{f"{metric}:{task}": v for task, vals in (m.get("zero_shot") or {}).items()
+               for metric, v in vals.items() if metric in ZERO_SHOT_METRICS},
             "prune_seconds": (stages.get("prune") or {}).get("seconds"),
             "train_seconds": (stages.get("train") or {}).get("seconds"),
             "quant_seconds": (stages.get("quant") or {}).get("seconds"),
@@ -77,20 +89,56 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
 
 
 def markdown_table(rows: List[Dict]) -> str:
-    head = ["recipe", "method", "pattern", "sparsity", "ppl", "Δ vs dense", "non-zero params", "footprint MiB",
-            "prune s", "train s", "peak MiB", "status"]
+    zs = zero_shot_columns(rows)
+    speed = any(r.get("tokens_per_s") for r in rows)
+    sparse24 = any(r.get("sparse24_tokens_per_s") for r in rows)
+    head = (["recipe", "method", "pattern", "sparsity", "ppl", "Δ vs dense"] + zs
+            + ["non-zero params", "dense MiB", "sparse-storage MiB"] + (["tokens/s"] if speed else [])
+            + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
     def f(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
 
     for r in rows:
-        lines.append("| " + " | ".join([
-            str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}"), f(r["ppl"]),
-            f(r["delta_vs_dense"], "{:+.2f}"), f(r["params_nonzero"], "{:,}"), f(r["footprint_mb"], "{:.0f}"),
-            f(r["prune_seconds"], "{:.1f}"), f(r["train_seconds"], "{:.1f}"), f(r["peak_memory_mb"], "{:.0f}"),
-            str(r["status"])]) + " |")
+        cells = [str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}"), f(r["ppl"]),
+                 f(r["delta_vs_dense"], "{:+.2f}")]
+        cells += [f(r.get(c), "{:.4f}") for c in zs]
+        cells += [f(r["params_nonzero"], "{:,}"), f(r["footprint_mb"], "{:.0f}"), f(r.get("footprint_sparse_mb"), "{:.0f}")]
+        if speed:
+            cells.append(f(r.get("tokens_per_s"), "{:,.0f}"))
+        if sparse24:
+            cells.append(f(r.get("sparse24_tokens_per_s"), "{:,.0f}"))
+        cells += [f(r["prune_seconds"], "{:.1f}"), f(r["train_seconds"], "{:.1f}"), f(r["peak_memory_mb"], "{:.0f}"),
+                  str(r["status"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_tradeoff(rows: List[Dict], path: Path, x: str, xlabel: str, title: str) -> bool:
+    """ppl (log) against a cost axis (footprint or speed), one labelled point per run; False if no data."""
+    pts = [r for r in rows if r.get(x) and r["ppl"] is not None and r["status"] == "ok"]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in pts:
+        label = "dense" if r["method"] == "none" else f"{r['recipe']} {r['sparsity'] or 0:.2f}"
+        ax.scatter(r[x], r["ppl"], color="gray" if r["method"] == "none" else None)
+        ax.annotate(label, (r[x], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(rows: List[Dict], path: Path) -> None:
@@ -147,12 +195,20 @@ def main(argv=None) -> int:
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "comparison.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + zero_shot_columns(rows), restval="")
         w.writeheader()
         w.writerows(rows)
     md = markdown_table(rows)
     (out / "comparison.md").write_text(md + "\n\nprotocol: " + "; ".join(sorted(protocols)) + "\n")
-    plot(rows, out / "ppl_vs_sparsity.png")
+    written = [out / "comparison.csv", out / "comparison.md", out / "ppl_vs_sparsity.png"]
+    plot(rows, written[-1])
+    if plot_tradeoff(rows, out / "ppl_vs_footprint.png", "footprint_sparse_mb",
+                     "footprint with sparse storage (MiB: non-zeros + 1-bit mask)", "perplexity vs footprint"):
+        written.append(out / "ppl_vs_footprint.png")
+    speed_key = "sparse24_tokens_per_s" if any(r.get("sparse24_tokens_per_s") for r in rows) else "tokens_per_s"
+    if plot_tradeoff([dict(r, **{speed_key: r.get(speed_key) or r.get("tokens_per_s")}) for r in rows],
+                     out / "ppl_vs_speed.png", speed_key, "measured prefill tokens/s", "perplexity vs measured speed"):
+        written.append(out / "ppl_vs_speed.png")
     print(md)
-    print(f"\nwrote {out / 'comparison.csv'}, {out / 'comparison.md'}, {out / 'ppl_vs_sparsity.png'}")
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

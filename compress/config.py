@@ -91,17 +91,44 @@ class CalibConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """lm-evaluation-harness tasks (optional dependency ``lm-eval``); empty = off."""
+    tasks: List[str] = field(default_factory=list)  # e.g. [hellaswag, arc_easy] (online) or [compress_tiny_mc] (offline)
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # samples per task (null = all)
+    batch_size: int = 1
+    include_path: Optional[str] = None  # a directory of your own task YAMLs
+
+    def __post_init__(self):
+        if not isinstance(self.num_fewshot, int) or self.num_fewshot < 0:
+            raise ConfigError(f"eval.zero_shot.num_fewshot={self.num_fewshot!r} is not valid: it must be >= 0")
+        _positive("eval.zero_shot.limit", self.limit, allow_none=True)
+        _positive("eval.zero_shot.batch_size", self.batch_size)
+        for t in self.tasks:
+            if not isinstance(t, str) or not t.strip():
+                raise ConfigError(f"eval.zero_shot.tasks has {t!r}: each task is a non-empty lm-eval task name")
+
+
+@dataclass
 class EvalConfig:
     datasets: List[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int = 512
     max_windows: Optional[int] = 40  # null = all windows
     batch_size: int = 1
     add_bos: bool = False
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    # measured prefill throughput (tokens/s) of the final model on its device; on a CUDA GPU with
+    # 2:4 weights also with the 2:4 sparse kernels (inference only, done last)
+    speed: bool = False
+    speed_batch_size: int = 8
+    speed_seqlen: int = 512
 
     def __post_init__(self):
         _positive("eval.seqlen", self.seqlen)
         _positive("eval.max_windows", self.max_windows, allow_none=True)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.speed_batch_size", self.speed_batch_size)
+        _positive("eval.speed_seqlen", self.speed_seqlen)
         if not self.datasets:
             raise ConfigError("eval.datasets is empty: name at least one dataset (e.g. wikitext2)")
 

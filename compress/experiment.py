@@ -89,6 +89,64 @@ def evaluate_into(ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
     return out
 
 
+def zero_shot_into(ctx: StageContext, info: Dict) -> None:
+    from compress.lmeval import zero_shot
+
+    z = ctx.cfg.eval.zero_shot
+    res = zero_shot(ctx.model, ctx.tokenizer, z.tasks, z.num_fewshot, z.limit, z.batch_size, z.include_path,
+                    seed=ctx.cfg.seed)
+    ctx.record.data["metrics"]["zero_shot"] = res["metrics"]
+    ctx.record.data["protocol"]["zero_shot"] = res["protocol"]
+    info["tasks"] = {t: {k: v for k, v in m.items() if not k.endswith("_stderr")} for t, m in res["metrics"].items()}
+    print(zero_shot_table(res["metrics"]))
+
+
+def zero_shot_table(metrics: Dict) -> str:
+    lines = ["  zero-shot (lm-eval):"]
+    for task, m in metrics.items():
+        vals = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.endswith("_stderr") and v is not None)
+        lines.append(f"    {task}: {vals}")
+    return "\n".join(lines)
+
+
+def speed_into(ctx: StageContext, info: Dict) -> None:
+    """Prefill throughput on the run's device; with exact 2:4 weights on a capable GPU, also through the
+    2:4 sparse kernels (the model is converted in place: this runs last)."""
+    from compress.speed import prefill_throughput, semi_structured_available, to_semi_structured
+
+    e = ctx.cfg.eval
+    res = prefill_throughput(ctx.model, e.speed_batch_size, e.speed_seqlen)
+    out = {"tokens_per_s": res["tokens_per_s"], "ms_per_batch": res["ms_per_batch"], "kernels": "dense",
+           "batch_size": e.speed_batch_size, "seqlen": e.speed_seqlen, "device": res["device"], "dtype": res["dtype"]}
+    dtype = next(ctx.model.parameters()).dtype
+    if semi_structured_available(ctx.device) and str(dtype) in ("torch.float16", "torch.bfloat16"):
+        converted = to_semi_structured(ctx.model)
+        if converted:
+            sp = prefill_throughput(ctx.model, e.speed_batch_size, e.speed_seqlen)
+            out.update(sparse24_tokens_per_s=sp["tokens_per_s"], sparse24_linears=len(converted),
+                       sparse24_speedup=sp["tokens_per_s"] / res["tokens_per_s"])
+    ctx.record.data["metrics"]["speed"] = out
+    info.update(out)
+
+
+def final_evals(ctx: StageContext, save_to: Optional[Path] = None) -> None:
+    """Perplexity, then zero-shot tasks, then (optionally) saving, then speed (which may convert the model)."""
+    rec, cfg = ctx.record, ctx.cfg
+    with rec.stage("eval", "perplexity") as info:
+        info["ppl"] = evaluate_into(ctx)
+    if cfg.eval.zero_shot.tasks:
+        with rec.stage("zero_shot", "lm_eval") as info:
+            zero_shot_into(ctx, info)
+    if save_to is not None:
+        with rec.stage("save", "save_pretrained") as info:
+            ctx.model.save_pretrained(save_to, safe_serialization=True)
+            ctx.tokenizer.save_pretrained(save_to)
+            info["path"] = str(save_to)
+    if cfg.eval.speed:
+        with rec.stage("speed", "prefill") as info:
+            speed_into(ctx, info)
+
+
 def config_hash(cfg_dict: Dict) -> str:
     """Identity of a cell: the resolved config (nothing about where it runs)."""
     return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -149,8 +207,7 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
                         description="dense baseline of the sweep")
         rec.update_metrics(**size_metrics(ctx.model))
         sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)
-        with rec.stage("eval", "perplexity") as info:
-            info["ppl"] = evaluate_into(sub)
+        final_evals(sub)
         rec.finish("ok")
     finally:
         os.unlink(d / ".lock")
@@ -201,14 +258,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             with rec.stage(name, method) as info:
                 fn(ctx, info)
             rec.update_metrics(**size_metrics(ctx.model))
-        with rec.stage("eval", "perplexity") as info:
-            info["ppl"] = evaluate_into(ctx)
-        if cfg.output.save_model:
-            with rec.stage("save", "save_pretrained") as info:
-                path = out_dir / "model"
-                ctx.model.save_pretrained(path, safe_serialization=True)
-                ctx.tokenizer.save_pretrained(path)
-                info["path"] = str(path)
+        final_evals(ctx, save_to=out_dir / "model" if cfg.output.save_model else None)
         rec.finish("ok")
     finally:
         if print_summary:
@@ -227,7 +277,16 @@ def summary_table(data: Dict) -> str:
     if "params_total" in m:
         lines.append(f"  params total / non-zero = {m['params_total']:,} / {m['params_nonzero']:,}")
     if "footprint_mb" in m:
-        lines.append(f"  footprint = {m['footprint_mb']:.1f} MiB")
+        lines.append(f"  footprint = {m['footprint_mb']:.1f} MiB dense storage"
+                     + (f", {m['footprint_sparse_mb']:.1f} MiB with sparse storage" if m.get("footprint_sparse_mb") else ""))
+    if m.get("zero_shot"):
+        lines.append(zero_shot_table(m["zero_shot"]))
+    if m.get("speed"):
+        sp = m["speed"]
+        extra = (f"; 2:4 kernels {sp['sparse24_tokens_per_s']:,.0f} tokens/s ({sp['sparse24_speedup']:.2f}x)"
+                 if sp.get("sparse24_tokens_per_s") else "")
+        lines.append(f"  prefill speed = {sp['tokens_per_s']:,.0f} tokens/s on {sp['device']} "
+                     f"({sp['batch_size']} x {sp['seqlen']}, dense kernels){extra}")
     lines.append(f"  {'stage':<8} {'method':<24} {'status':<7} {'seconds':>9} {'peak MiB':>10}")
     for s in data.get("stages", []):
         lines.append(f"  {s['name']:<8} {str(s.get('method', ''))[:24]:<24} {s.get('status', ''):<7} "

@@ -99,3 +99,27 @@ def test_every_shipped_yaml_composes():
         for o in overrides:
             cfg = compose(config_name="config", overrides=[o])
             validate(cfg)
+
+
+@pytest.mark.parametrize("launcher,target,key,value", [
+    ("local_parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs", 2),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "gpus_per_node", 1),
+])
+def test_sweep_launcher_configs_load(launcher, target, key, value, monkeypatch):
+    """The shipped launcher configs compose with their plugins and name importable launcher classes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    from compress.cli import config_dir
+    from compress.config import register_configs
+
+    monkeypatch.delenv("COMPRESS_SLURM_PARTITION", raising=False)
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    lc = cfg.hydra.launcher
+    assert lc._target_ == target
+    assert get_class(lc._target_).__name__ == target.rsplit(".", 1)[1]
+    assert lc[key] == value
+    if launcher == "slurm":
+        assert lc.partition == "gpu" and lc.timeout_min == 240

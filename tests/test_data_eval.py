@@ -112,3 +112,15 @@ def test_size_metrics_count_tied_weights_once(tiny_model):
     m2 = size_metrics(model)
     assert m2["params_nonzero"] == m["params_nonzero"] - model.model.layers[0].mlp.down_proj.weight.numel()
     assert m2["sparsity"] == pytest.approx(model.model.layers[0].mlp.down_proj.weight.numel() / m["prunable_params"])
+
+
+def test_sparse_footprint_counts_values_plus_bitmask(tiny_model):
+    model = tiny_model("llama")
+    m = size_metrics(model)
+    assert m["footprint_sparse_mb"] == pytest.approx(m["footprint_mb"])  # nothing to save when dense
+    w = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        w[:, ::2] = 0  # half the weights
+    m2 = size_metrics(model)
+    saved = (w.numel() * 4 - (w.numel() // 2 * 4 + w.numel() // 8)) / 2**20
+    assert m["footprint_mb"] - m2["footprint_sparse_mb"] == pytest.approx(saved, rel=1e-9)

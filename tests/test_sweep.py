@@ -65,3 +65,41 @@ def test_compare_refuses_mixed_protocols(tmp_path):
     c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path), "--mixed-protocols"],
                        capture_output=True, text=True)
     assert c.returncode == 0
+
+
+def test_parallel_sweep_with_joblib_launcher(tmp_path):
+    """Two cells at once (joblib, 2 processes): both finish, the dense baseline exists exactly once."""
+    d = tmp_path / "par"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "compress", "-m", "hydra/launcher=local_parallel", "prune=magnitude",
+                        "prune.sparsity=0.3,0.5", "eval.seqlen=128", "eval.max_windows=2", f"hydra.sweep.dir={d}"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = _results(d)
+    assert sorted((x["recipe"] or x["config"]["prune"]["method"], x["status"]) for x in runs) == [
+        ("dense", "ok"), ("magnitude", "ok"), ("magnitude", "ok")]
+    sparsities = sorted(round(x["metrics"]["sparsity"], 3) for x in runs if x["recipe"] != "dense")
+    assert sparsities == [0.3, 0.5]
+    assert not list(d.rglob(".lock"))
+
+
+def test_compare_tabulates_zero_shot_speed_and_footprint(tmp_path):
+    proto = {"wikitext2": {"sha256": "ab", "seqlen": 512, "windows": 4, "bos": False}}
+    cells = [("none", 0.0, 30.0, 0.50, 1000.0, 513.0), ("wanda", 0.5, 60.0, 0.40, 1100.0, 320.0)]
+    for i, (method, sp, ppl, acc, tps, fp) in enumerate(cells):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps({
+            "status": "ok", "recipe": None if method != "none" else "dense",
+            "config": {"prune": {"method": method, "sparsity": sp, "pattern": "unstructured"}},
+            "metrics": {"ppl": {"wikitext2": ppl}, "sparsity": sp, "footprint_mb": 513.0, "footprint_sparse_mb": fp,
+                        "zero_shot": {"tiny": {"acc": acc, "acc_stderr": 0.1, "acc_norm": acc}},
+                        "speed": {"tokens_per_s": tps}},
+            "protocol": proto, "stages": []}))
+    c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path)], capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr
+    assert "acc:tiny" in c.stdout and "tokens/s" in c.stdout and "| 0.4000 |" in c.stdout
+    header = (tmp_path / "comparison.csv").read_text().splitlines()[0].split(",")
+    assert {"acc:tiny", "acc_norm:tiny", "tokens_per_s", "footprint_sparse_mb"} <= set(header)
+    assert "acc_stderr:tiny" not in header
+    for png in ("ppl_vs_sparsity.png", "ppl_vs_footprint.png", "ppl_vs_speed.png"):
+        assert (tmp_path / png).stat().st_size > 1000

@@ -1,0 +1,93 @@
+"""Real speed of a compressed model: 2:4 sparse tensor-core kernels and prefill throughput.
+
+Masks alone make nothing faster: a zero in a dense matrix costs as much as any other value. This
+module turns exactly-2:4 weights into torch's ``SparseSemiStructuredTensor`` (cuSPARSELt or CUTLASS
+kernels on NVIDIA GPUs from Ampere on, fp16/bf16) so that the speed-up can be *measured*, and gives
+one throughput measurement used by the benchmarks and the ``eval.speed`` switch.
+
+On CPU there is no 2:4 kernel: :func:`to_semi_structured` raises, and :func:`prefill_throughput`
+measures the dense kernels (the honest CPU figure for a pruned model is the dense one).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from compress.pruning.masks import check_nm
+
+
+def semi_structured_available(device=None) -> bool:
+    """2:4 kernels need CUDA with compute capability >= 8.0."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev)[0] >= 8
+
+
+def to_semi_structured(model: nn.Module, backend: str = "auto") -> List[str]:
+    """Swap the weight of every exactly-2:4 ``nn.Linear`` for a ``SparseSemiStructuredTensor``.
+
+    Inference only (the weights become frozen). The model must be on a CUDA device in fp16 or bf16.
+    ``backend``: ``auto`` (cuSPARSELt where torch has it, else CUTLASS), ``cutlass`` or ``cusparselt``.
+    Returns the names of the converted modules; linears that are not exactly 2:4 stay dense.
+    """
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if backend not in ("auto", "cutlass", "cusparselt"):
+        raise ValueError(f"backend={backend!r} is not valid. Valid choices: auto, cutlass, cusparselt")
+    params = list(model.parameters())
+    if not params or not semi_structured_available(params[0].device):
+        raise RuntimeError("2:4 semi-structured kernels need an NVIDIA GPU with compute capability >= 8.0; "
+                           "on this device a 2:4 model runs on the dense kernels")
+    if params[0].dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError(f"2:4 kernels need fp16 or bf16 weights, the model is {params[0].dtype}")
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    converted = []
+    seen = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or id(mod.weight) in seen:
+            continue
+        seen.add(id(mod.weight))
+        w = mod.weight.detach()
+        if w.shape[1] % 4 or not check_nm(w, 2, 4):
+            continue
+        mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        converted.append(name)
+    return converted
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill_throughput(model: nn.Module, batch_size: int = 8, seqlen: int = 512, iters: int = 10, warmup: int = 3,
+                       vocab_size: int | None = None, seed: int = 0) -> Dict:
+    """Tokens/s of a full forward (prefill, no KV cache) on random token ids, median over ``iters``."""
+    device = next(model.parameters()).device
+    vocab = vocab_size or model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seqlen), generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    for _ in range(warmup):
+        model(input_ids=ids, use_cache=False)
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    times.sort()
+    med = times[len(times) // 2]
+    return {"tokens_per_s": batch_size * seqlen / med, "ms_per_batch": med * 1e3, "batch_size": batch_size,
+            "seqlen": seqlen, "iters": iters, "device": str(device), "dtype": str(next(model.parameters()).dtype)}
