@@ -1,9 +1,11 @@
 """Memory and throughput of the trainer's memory tricks, one configuration per fresh process.
 
 Setup: the embedded SmolLM2-135M, seq 512, micro-batch 4 (accumulation: micro-batch 1 x 4), a fixed
-number of optimizer steps on the WikiText-2 validation text. Peak memory is the process's peak RSS on
-CPU (VmHWM, the whole process: weights, activations, optimizer state, Python) or
-``torch.cuda.max_memory_allocated`` on GPU. Tokens/s excludes the first (warm-up) step.
+number of optimizer steps on the WikiText-2 validation text. Peak memory on GPU is
+``torch.cuda.max_memory_allocated``. On CPU two figures: the process's peak RSS (VmHWM: the whole
+process, Python and libraries included, and memory the C allocator freed but kept), and the heap peak
+(bytes in use by glibc malloc, sampled every 2 ms with ``MALLOC_ARENA_MAX=1``: the CPU analogue of the
+CUDA allocator peak). Tokens/s excludes the first (warm-up) step.
 
     python benchmarks/train_memory.py                 # all configurations (about 10 min on 2 CPU cores)
     python benchmarks/train_memory.py --only plain,lora_ckpt_8bit
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,13 +42,13 @@ def one(name: str, steps: int, device: str) -> dict:
     from compress.config import ModelConfig, TrainConfig
     from compress.data import packed_sequences
     from compress.models import load_model
-    from compress.record import PeakMemory
+    from compress.record import HeapPeak, PeakMemory
     from compress.training import Trainer
 
     kw = dict(max_steps=steps, micro_batch_size=4, seqlen=512, lr=1e-5, log_every=1, seed=0)
     kw.update(CONFIGS[name])
     cfg = TrainConfig(**kw)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, HeapPeak() as heap:
         model, tok = load_model(ModelConfig(device=device))
         ids, _ = packed_sequences(tok, "wikitext2", 512)
         t = Trainer(model, cfg, ids, device=device)
@@ -54,6 +57,7 @@ def one(name: str, steps: int, device: str) -> dict:
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.seqlen
     dt = hist[-1]["seconds"] - hist[0]["seconds"]
     return {"name": name, "config": CONFIGS[name], "steps": steps, "peak_memory_mb": mem.peak_mb,
+            "heap_peak_mb": heap.peak_mb if device == "cpu" else None,
             "peak_kind": mem.kind, "tokens_per_s": tokens_per_step * (len(hist) - 1) / dt if dt > 0 else None,
             "final_loss": hist[-1]["loss"], "device": device, "torch_threads": torch.get_num_threads()}
 
@@ -72,8 +76,9 @@ def main(argv=None):
     rows = []
     for name in (args.only.split(",") if args.only else CONFIGS):
         t0 = time.time()
+        env = dict(os.environ, MALLOC_ARENA_MAX="1")  # every thread in glibc's main arena, which HeapPeak reads
         p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if p.returncode != 0 or not line:
             rows.append({"name": name, "error": p.stderr[-2000:]})
@@ -86,14 +91,17 @@ def main(argv=None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
     base = next((r for r in rows if r["name"] == "plain" and "peak_memory_mb" in r), None)
-    print("| config | peak MiB | × plain | tokens/s | × plain |\n| --- | --- | --- | --- | --- |")
+    heap = base is not None and base.get("heap_peak_mb") is not None
+    print("| config | peak MiB | × plain |" + (" heap peak MiB | × plain |" if heap else "") + " tokens/s | × plain |\n"
+          "| --- | --- | --- |" + (" --- | --- |" if heap else "") + " --- | --- |")
     for r in rows:
         if "peak_memory_mb" not in r:
             print(f"| {r['name']} | failed | | | |")
             continue
         rm = r["peak_memory_mb"] / base["peak_memory_mb"] if base else float("nan")
         rt = r["tokens_per_s"] / base["tokens_per_s"] if base and r["tokens_per_s"] else float("nan")
-        print(f"| {r['name']} | {r['peak_memory_mb']:.0f} | {rm:.2f} | {r['tokens_per_s']:.0f} | {rt:.2f} |")
+        hp = (f" {r['heap_peak_mb']:.0f} | {r['heap_peak_mb'] / base['heap_peak_mb']:.2f} |" if heap else "")
+        print(f"| {r['name']} | {r['peak_memory_mb']:.0f} | {rm:.2f} |{hp} {r['tokens_per_s']:.0f} | {rt:.2f} |")
     return 0
 
 

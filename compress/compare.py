@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
            "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s", "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb",
-           "status", "protocol", "run_dir"]
+           "status", "protocol", "zero_shot_protocol", "run_dir"]
 
 
 ZERO_SHOT_METRICS = ("acc", "acc_norm")
@@ -32,6 +32,13 @@ def _protocol_key(data: Dict) -> str:
         if isinstance(p, dict) and "seqlen" in p and "windows" in p:
             parts.append(f"{ds}:{p.get('sha256', '')[:8]}:{p['seqlen']}x{p['windows']}:bos={p.get('bos')}")
     return ";".join(parts)
+
+
+def _zero_shot_key(data: Dict) -> Optional[str]:
+    z = (data.get("protocol") or {}).get("zero_shot")
+    if not z:
+        return None
+    return f"lm_eval {z.get('lm_eval_version')}, {z.get('num_fewshot')}-shot, limit {z.get('limit')}"
 
 
 def load_runs(dirs: List[str]) -> List[Dict]:
@@ -79,6 +86,7 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "peak_memory_mb": max((s.get("peak_memory_mb") or 0) for s in stages.values()) if stages else None,
             "status": data.get("status"),
             "protocol": _protocol_key(data),
+            "zero_shot_protocol": _zero_shot_key(data),
             "run_dir": data["_dir"],
         })
     dense = [r["ppl"] for r in rows if r["method"] == "none" and r["ppl"]]
@@ -191,6 +199,11 @@ def main(argv=None) -> int:
         for p in sorted(protocols):
             print(f"  {p}: " + ", ".join(r["run_dir"] for r in rows if r["protocol"] == p), file=sys.stderr)
         print("Their perplexities are not comparable; pass --mixed-protocols to tabulate them anyway.", file=sys.stderr)
+        return 2
+    zs_protocols = {r["zero_shot_protocol"] for r in rows if r["zero_shot_protocol"]}
+    if len(zs_protocols) > 1 and not args.mixed_protocols:
+        print("compress compare: refusing to compare zero-shot accuracies measured differently: "
+              + " | ".join(sorted(zs_protocols)) + ". Pass --mixed-protocols to tabulate them anyway.", file=sys.stderr)
         return 2
     out = Path(args.out or args.dirs[0])
     out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,57 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+class HeapPeak:
+    """Peak bytes in use by the C allocator (glibc ``mallinfo2``: arena bytes in use + mmapped chunks),
+    sampled from a thread every ``interval`` seconds: on CPU, the analogue of
+    ``torch.cuda.max_memory_allocated``. Memory freed but kept by the allocator, which RSS counts, does
+    not count here. glibc reports the main arena only: run with ``MALLOC_ARENA_MAX=1`` so that every
+    thread allocates there. ``peak_mb`` is None where ``mallinfo2`` is missing (not glibc >= 2.33)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak_mb: Optional[float] = None
+        self._fn = None
+        try:
+            import ctypes
+
+            class _MallInfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                             "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+            fn = ctypes.CDLL("libc.so.6").mallinfo2
+            fn.restype = _MallInfo2
+            self._fn = fn
+        except (OSError, AttributeError):
+            pass
+
+    def _in_use(self) -> int:
+        m = self._fn()
+        return m.uordblks + m.hblkhd
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._in_use())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self._fn is not None:
+            import threading
+
+            self._peak = self._in_use()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._fn is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._in_use()) / 2**20
+        return False
+
+
 class PeakMemory:
     """Measures peak memory over a region: CUDA allocator peak on GPU, process RSS peak on CPU."""
 

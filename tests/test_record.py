@@ -66,3 +66,23 @@ def test_record_stage_fields(tmp_path):
     s = d["stages"][0]
     assert {"name", "method", "seconds", "peak_memory_mb"} <= set(s) and s["extra"] == 1
     assert d["environment"]["seed"] == 3 and "python" in d["environment"] and "transformers" in d["environment"]
+
+
+def test_heap_peak_sees_a_freed_allocation():
+    import time
+
+    import torch
+
+    from compress.record import HeapPeak
+
+    h = HeapPeak(interval=0.001)
+    if h._fn is None:
+        pytest.fail("glibc mallinfo2 is missing: HeapPeak cannot measure on this platform")
+    before = h._in_use() / 2**20
+    with h:
+        x = torch.ones(50_000_000)  # 190.7 MiB, freed before the context ends
+        time.sleep(0.05)
+        del x
+    after = h._in_use() / 2**20
+    assert h.peak_mb - before > 185
+    assert after - before < 50  # gone again: the peak is not what is still held

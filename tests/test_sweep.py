@@ -94,7 +94,8 @@ def test_compare_tabulates_zero_shot_speed_and_footprint(tmp_path):
             "metrics": {"ppl": {"wikitext2": ppl}, "sparsity": sp, "footprint_mb": 513.0, "footprint_sparse_mb": fp,
                         "zero_shot": {"tiny": {"acc": acc, "acc_stderr": 0.1, "acc_norm": acc}},
                         "speed": {"tokens_per_s": tps}},
-            "protocol": proto, "stages": []}))
+            "protocol": dict(proto, zero_shot={"lm_eval_version": "0.4.13", "num_fewshot": 0, "limit": None}),
+            "stages": []}))
     c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path)], capture_output=True, text=True)
     assert c.returncode == 0, c.stderr
     assert "acc:tiny" in c.stdout and "tokens/s" in c.stdout and "| 0.4000 |" in c.stdout
@@ -103,3 +104,10 @@ def test_compare_tabulates_zero_shot_speed_and_footprint(tmp_path):
     assert "acc_stderr:tiny" not in header
     for png in ("ppl_vs_sparsity.png", "ppl_vs_footprint.png", "ppl_vs_speed.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    # accuracies from a different sample limit are not put in one table
+    p1 = tmp_path / "1" / "results.json"
+    d1 = json.loads(p1.read_text())
+    d1["protocol"]["zero_shot"]["limit"] = 8
+    p1.write_text(json.dumps(d1))
+    c = subprocess.run([sys.executable, "-m", "compress", "compare", str(tmp_path)], capture_output=True, text=True)
+    assert c.returncode == 2 and "zero-shot accuracies measured differently" in c.stderr

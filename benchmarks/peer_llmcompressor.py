@@ -1,0 +1,100 @@
+"""Side by side with the peer llm-compressor (vLLM project) under protocol P1, on this machine.
+
+llm-compressor is a benchmark peer only, never a dependency of compress. It pins transformers<=5.17,
+so it lives in its own virtual environment that sees the system torch and compress:
+
+    python3 -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor==0.14.0.1
+    /tmp/llmc/bin/python benchmarks/peer_llmcompressor.py --out benchmarks/results/peer_llmcompressor_p1.json
+
+Same model file, same 32 x 512 calibration windows (compress's reference sampling rule, seed 0), same
+perplexity protocol (compress.evaluate: first 40 x 512 tokens of WikiText-2 raw test), fp32, CPU,
+batch 1. llm-compressor runs its default ``sequential`` pipeline (one decoder layer at a time, the
+pruned outputs propagated), targets every Linear of the decoder layers, ignores ``lm_head``. The
+seconds are the whole ``oneshot`` call (its model tracing and calibration bookkeeping included) and,
+as everywhere in BENCHMARKS.md, also a ratio to one dense forward over the calibration tokens measured
+at the start of the same process. Run ``benchmarks/prune_bench.py`` for compress's side in the same
+session (one process at a time) and compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {  # name -> (modifier class name, kwargs)
+    "wanda_50": ("WandaPruningModifier", dict(sparsity=0.5, mask_structure="0:0")),
+    "sparsegpt_50": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)),
+    "sparsegpt_2of4": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="2:4", block_size=128, dampening_frac=0.01)),
+    "wanda_2of4": ("WandaPruningModifier", dict(sparsity=0.5, mask_structure="2:4")),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="wanda_50,sparsegpt_50,sparsegpt_2of4")
+    ap.add_argument("--out", default="benchmarks/results/peer_llmcompressor_p1.json")
+    args = ap.parse_args(argv)
+
+    import llmcompressor
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.data import load_calibration
+    from compress.evaluate import perplexity, size_metrics
+    from compress.models import embedded_checkpoint
+    from compress.pruning.masks import check_nm
+
+    classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier}
+    path = embedded_checkpoint()
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    model = fresh()
+    ids, calib_info = load_calibration(tok, "wikitext2", 32, 512, 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            model(input_ids=ids[i:i + 1], use_cache=False)
+    fwd = time.perf_counter() - t0
+    dense_ppl = perplexity(model, tok, progress=False)["ppl"]
+    print(f"dense forward over {ids.numel()} calibration tokens: {fwd:.1f}s; dense ppl {dense_ppl:.3f}", flush=True)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    out = {"peer": "llmcompressor", "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
+           "torch": torch.__version__, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+           "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl, "rows": []}
+    for name in [n for n in args.only.split(",") if n]:
+        cls, kw = CONFIGS[name]
+        model = fresh()
+        modifier = classes[cls](targets=["Linear"], ignore=["re:.*lm_head"], **kw)
+        t0 = time.perf_counter()
+        oneshot(model=model, tokenizer=tok, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0],
+                max_seq_length=ids.shape[1], pipeline="sequential", shuffle_calibration_samples=False)
+        secs = time.perf_counter() - t0
+        ppl = perplexity(model, tok, progress=False)["ppl"]
+        nm_ok = None
+        if kw["mask_structure"] == "2:4":
+            nm_ok = all(check_nm(m.weight, 2, 4) for n_, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "lm_head" not in n_)
+        row = {"name": name, "ppl": ppl, "prune_seconds": secs, "x_dense_forward": secs / fwd,
+               "sparsity": size_metrics(model)["sparsity"], "nm_exact": nm_ok}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
