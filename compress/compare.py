@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
-           "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s", "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb",
-           "status", "protocol", "zero_shot_protocol", "run_dir"]
+           "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s",
+           "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb", "status", "protocol",
+           "zero_shot_protocol", "run_dir"]  # then one column per zero-shot metric and task, e.g. acc:hellaswag
 
 
 ZERO_SHOT_METRICS = ("acc", "acc_norm")
