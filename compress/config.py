@@ -241,6 +241,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr!r} is not valid: it must be > 0")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"train.distill_alpha={self.distill_alpha!r} is not valid: it must be in [0, 1]")
+        if not isinstance(self.chunked_loss, int) or self.chunked_loss < 0:
+            raise ConfigError(f"train.chunked_loss={self.chunked_loss!r} is not valid: it must be 0 (off) or a positive "
+                              "number of tokens per chunk")
+        if self.chunked_loss and self.distill:
+            raise ConfigError("train.chunked_loss needs train.distill=false (the KD loss needs the full logits)")
 
 
 @dataclass

@@ -223,7 +223,7 @@ class Trainer:
         return total / y.numel()
 
     def loss_fn(self, batch):
-        if self.cfg.chunked_loss and not (self.teacher is not None and self.cfg.distill):
+        if self.cfg.chunked_loss:  # config validation excludes it with distillation
             return self.chunked_lm_loss(batch)
         out = self.model(input_ids=batch, labels=batch, use_cache=False)
         loss = out.loss

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from compress.config import (PRUNE_METHODS, CalibConfig, Config, ConfigError, EvalConfig, PruneConfig, parse_pattern)
+from compress.config import (PRUNE_METHODS, CalibConfig, Config, ConfigError, EvalConfig, PruneConfig, TrainConfig,
+                             ZeroShotConfig, parse_pattern)
 
 
 def _cli(*args, cwd):
@@ -72,7 +73,23 @@ def test_other_groups_validate():
     with pytest.raises(ConfigError, match="eval.max_windows"):
         EvalConfig(max_windows=0)
     assert EvalConfig(max_windows=None).max_windows is None
+    with pytest.raises(ConfigError, match=r"eval\.zero_shot\.limit"):
+        ZeroShotConfig(limit=0)
+    with pytest.raises(ConfigError, match=r"eval\.speed_batch_size"):
+        EvalConfig(speed_batch_size=0)
+    with pytest.raises(ConfigError, match=r"train\.chunked_loss"):
+        TrainConfig(chunked_loss=-1)
+    with pytest.raises(ConfigError, match=r"train\.chunked_loss needs train\.distill=false"):
+        TrainConfig(chunked_loss=512, distill=True)
     Config()  # defaults are valid
+
+
+def test_new_eval_keys_fail_fast_from_the_cli(tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "compress", "eval.zero_shot.num_fewshot=-1"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60)
+    assert p.returncode == 2 and "eval.zero_shot.num_fewshot=-1" in p.stderr
+    assert time.time() - t0 < 30  # no model was loaded
 
 
 def test_method_names_match_registry():
