@@ -24,12 +24,16 @@ from pathlib import Path
 
 import torch
 
-from compress.config import CalibConfig, ModelConfig, PruneConfig
+from compress.calibration import find_blocks
+from compress.config import CalibConfig, ModelConfig, PruneConfig, parse_pattern
 from compress.data import load_calibration
 from compress.evaluate import perplexity
 from compress.models import load_model
 from compress.pruning import prune_model
 from compress.record import PeakMemory
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_port import prune_reference_style  # noqa: E402
 
 # name -> (PruneConfig kwargs, reference ppl, reference seconds) — reference: Wanda authors' code, same
 # protocol, on a 2-core machine of this kind (from the issue that set the targets)
@@ -48,8 +52,17 @@ REF = {
     "sparsegpt_2of4": (dict(method="sparsegpt", pattern="2:4"), 83.41, 66),
     "sparsegpt_4of8": (dict(method="sparsegpt", pattern="4:8"), 65.73, 66),
 }
-# our variants: sequential single-pass mode (the recipes' default) and reference-behaviour mode
-MODES = {"seq": dict(sequential=True), "ref": dict(sequential=False)}
+# our variants: sequential single-pass mode (the recipes' default) and reference-behaviour mode;
+# "port" is not ours: the reference code's loop rewritten for transformers 5 (benchmarks/reference_port.py),
+# the same-machine timing baseline
+MODES = {"seq": dict(sequential=True), "ref": dict(sequential=False), "port": None}
+
+
+def _achieved(model, pattern: str) -> float:
+    """Zeros over all block linears (the port prunes every linear of every block)."""
+    _, blocks = find_blocks(model)
+    ws = [m.weight for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
 def dense_forward_seconds(model, ids, batch_size: int) -> float:
@@ -70,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="model dtype (statistics and Hessians are float32 anyway)")
     ap.add_argument("--out", default="benchmarks/results/prune_p1.json")
+    ap.add_argument("--fwd-each", action="store_true",
+                    help="re-measure the dense forward right before every row (ratios then use the nearest one)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     configs = {k: (v[0], v[1], v[2]) for k, v in REF.items()}
@@ -99,17 +114,25 @@ def main(argv=None):
         kwargs, ref_ppl, ref_s = configs[name]
         for mode in args.modes.split(","):
             model, tok = load_model(mcfg)
-            cfg = PruneConfig(**{**MODES[mode], **kwargs})
+            cfg = PruneConfig(**{**(MODES[mode] or {}), **kwargs})
+            row_fwd = dense_forward_seconds(model, ids, calib.batch_size) if args.fwd_each else fwd
             with PeakMemory(args.device) as mem:
                 t0 = time.perf_counter()
-                rep = prune_model(model, tok, cfg, calib, calib_ids=ids, progress=False)
+                if mode == "port":
+                    prune_reference_style(model, ids, cfg.method, cfg.sparsity, parse_pattern(cfg.pattern))
+                else:
+                    rep = prune_model(model, tok, cfg, calib, calib_ids=ids, progress=False)
                 secs = time.perf_counter() - t0
             ppl = perplexity(model, tok, progress=False)["ppl"]
+            if mode == "port":
+                achieved, nm_exact, rel_err = _achieved(model, cfg.pattern), None, None
+            else:
+                achieved, nm_exact, rel_err = rep.achieved(), rep.summary().get("nm_exact"), rep.summary()["mean_rel_error"]
             row = {"name": name, "mode": mode, "config": {k: v for k, v in vars(cfg).items()}, "ppl": ppl,
                    "ref_ppl": ref_ppl, "ppl_vs_ref": ppl / ref_ppl if ref_ppl else None,
-                   "prune_seconds": secs, "x_dense_forward": secs / fwd, "ref_seconds": ref_s,
-                   "achieved_sparsity": rep.achieved(), "nm_exact": rep.summary().get("nm_exact"),
-                   "mean_rel_error": rep.summary()["mean_rel_error"], "peak_memory_mb": mem.peak_mb}
+                   "prune_seconds": secs, "dense_forward_seconds": row_fwd, "x_dense_forward": secs / row_fwd,
+                   "ref_seconds": ref_s, "achieved_sparsity": achieved, "nm_exact": nm_exact,
+                   "mean_rel_error": rel_err, "peak_memory_mb": mem.peak_mb}
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("name", "mode", "ppl", "ref_ppl", "prune_seconds",
                                                    "x_dense_forward", "achieved_sparsity", "nm_exact")}), flush=True)

@@ -156,9 +156,11 @@ class PruneConfig:
     error_correction: bool = False
     # after pruning a block, refit its kept weights (masks fixed) so that the block reproduces the dense
     # model's block outputs on the calibration samples: Adam, this many epochs over the samples (0 = off).
-    # Statistics then cover each linear's inputs in both the dense and the pruned model.
     reconstruct_epochs: int = 0
     reconstruct_lr: float = 1e-4
+    # also accumulate each linear's statistics on its inputs in the *dense* model (the dense stream,
+    # same calibration windows): H = X_dense^T X_dense + X_pruned^T X_pruned (needs sequential=true)
+    dense_stats: bool = False
 
     def __post_init__(self):
         _choice("prune.method", self.method, PRUNE_METHODS)
@@ -187,6 +189,9 @@ class PruneConfig:
             raise ConfigError("prune.error_correction=true needs prune.method=sparsegpt and prune.sequential=true")
         if self.reconstruct_epochs and (self.method == "magnitude" or not self.sequential):
             raise ConfigError("prune.reconstruct_epochs > 0 needs a calibration method (wanda, sparsegpt) and prune.sequential=true")
+        if self.dense_stats and (self.method == "magnitude" or not self.sequential or self.error_correction):
+            raise ConfigError("prune.dense_stats=true needs a calibration method (wanda, sparsegpt), "
+                              "prune.sequential=true and prune.error_correction=false")
         if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
             raise ConfigError("prune.reconstruct_epochs must be >= 0 and prune.reconstruct_lr > 0")
         _positive("prune.blocksize", self.blocksize)

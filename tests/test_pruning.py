@@ -227,3 +227,53 @@ def test_block_reconstruction_keeps_masks_and_lowers_block_loss(tiny_model, cali
     b = ref.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(a == 0, b == 0) and not torch.equal(a, b)
     assert all(p.grad is None for p in model.parameters())
+
+
+def _masks(model):
+    _, blocks = find_blocks(model)
+    return {f"{i}.{n}": (m.weight == 0).clone() for i, b in enumerate(blocks) for n, m in target_linears(b, PruneConfig()).items()}
+
+
+def test_dense_stats_is_the_only_switch_for_dense_statistics(tiny_model, calib_ids):
+    """Reconstruction alone leaves block 0's masks as in the plain single pass (its statistics come from
+    the pruned stream only); dense_stats=true adds the dense stream's inputs and changes some masks."""
+    plain = tiny_model("llama", seed=6)
+    prune_model(plain, None, PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32), calib_ids=calib_ids,
+                progress=False)
+    rec = tiny_model("llama", seed=6)
+    r = prune_model(rec, None, PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32, reconstruct_epochs=1,
+                                           reconstruct_lr=1e-3), calib_ids=calib_ids, progress=False)
+    assert len(r.blocks_reconstruction) == 2
+    mixed = tiny_model("llama", seed=6)
+    prune_model(mixed, None, PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32, dense_stats=True),
+                calib_ids=calib_ids, progress=False)
+    mp, mr, mm = _masks(plain), _masks(rec), _masks(mixed)
+    block0 = [k for k in mp if k.startswith("0.")]
+    assert all(torch.equal(mp[k], mr[k]) for k in block0)
+    # q/k/v of block 0 see identical dense and pruned inputs (H doubles, same mask); later linears differ
+    assert torch.equal(mp["0.self_attn.q_proj"], mm["0.self_attn.q_proj"])
+    assert any(not torch.equal(mp[k], mm[k]) for k in mp)
+    assert sum(int(v.sum()) for v in mm.values()) == sum(int(v.sum()) for v in mp.values())
+
+
+def test_dense_stats_config_is_validated():
+    from compress.config import ConfigError
+
+    for bad in (dict(method="sparsegpt", dense_stats=True, sequential=False),
+                dict(method="magnitude", dense_stats=True),
+                dict(method="sparsegpt", dense_stats=True, error_correction=True)):
+        with pytest.raises(ConfigError, match="dense_stats"):
+            PruneConfig(**bad)
+
+
+def test_single_pass_inflight_estimate_is_recorded(tiny_model, calib_ids):
+    from compress.pruning.engine import single_pass_inflight_mb
+
+    model = tiny_model("llama")
+    r = prune_model(model, None, PruneConfig(method="wanda", sparsity=0.5), calib_ids=calib_ids, progress=False)
+    expected = calib_ids.numel() * (2 * 64 + 128) * 4 / 2**20
+    assert r.calibration["single_pass_inflight_estimate_mb"] == pytest.approx(expected)
+    assert single_pass_inflight_mb(model, 2 * calib_ids.numel()) == pytest.approx(2 * expected)
+    r2 = prune_model(tiny_model("llama"), None, PruneConfig(method="wanda", sparsity=0.5, sequential=False),
+                     calib_ids=calib_ids, progress=False)
+    assert "single_pass_inflight_estimate_mb" not in r2.calibration

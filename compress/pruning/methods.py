@@ -26,9 +26,9 @@ class InputStats:
     """Statistics of one linear input over the calibration tokens (all float32)."""
 
     PANEL = 192
-    SAMPLE_STRIDE = 32  # without H, the error is estimated on every 32nd token (at most sample_tokens)
+    SAMPLE_STRIDE = 64  # without H, the error is estimated on every 64th token (at most sample_tokens)
 
-    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 512, device=None):
+    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 256, device=None):
         self.tokens = 0
         # upper triangle only during accumulation (half the FLOPs of X^T X); see :attr:`H`
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
@@ -37,16 +37,31 @@ class InputStats:
         self.sample_tokens = sample_tokens
         self.samples = []
         self._sampled = 0
+        self._cache: Dict[tuple, torch.Tensor] = {}  # full H and damped inverse factors; cleared by add()
 
     @property
     def H(self) -> Optional[torch.Tensor]:
         """The full symmetric ``X^T X`` (float32)."""
         if self._H is None:
             return None
-        return torch.triu(self._H) + torch.triu(self._H, 1).t()
+        if ("H",) not in self._cache:
+            self._cache[("H",)] = torch.triu(self._H) + torch.triu(self._H, 1).t()
+        return self._cache[("H",)]
+
+    def hinv_factor(self, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
+        """Upper Cholesky factor of the damped ``H^-1`` (dead inputs set to 1 on the diagonal), computed
+        once per distinct input: q/k/v and gate/up share it."""
+        key = ("hinv", percdamp, damp_mode)
+        if key not in self._cache:
+            H = self.H.clone()
+            dead = torch.diagonal(H) == 0
+            H[dead, dead] = 1
+            self._cache[key] = _damped_inverse_cholesky(H, percdamp, damp_mode)
+        return self._cache[key]
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, x_dense: Optional[torch.Tensor] = None) -> None:
+        self._cache.clear()
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if x_dense is not None:
@@ -74,9 +89,11 @@ class InputStats:
             num = torch.sum((d @ H) * d)
             den = torch.sum((w_dense @ H) * w_dense)
         elif self.samples:
-            xs = torch.cat(self.samples)
-            num = (xs @ d.t()).square().sum()
-            den = (xs @ w_dense.t()).square().sum()
+            xs = self.samples[0] if len(self.samples) == 1 else torch.cat(self.samples)
+            self.samples = [xs]
+            y = xs @ torch.cat([d, w_dense]).t()  # one GEMM for both
+            num = y[:, :d.shape[0]].square().sum()
+            den = y[:, d.shape[0]:].square().sum()
         else:
             return None
         return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
@@ -148,7 +165,8 @@ def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = 
 
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[Tuple[int, int]] = None,
-                    blocksize: int = 128, percdamp: float = 0.01, damp_mode: str = "mean") -> torch.Tensor:
+                    blocksize: int = 128, percdamp: float = 0.01, damp_mode: str = "mean",
+                    hinv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023): blocked OBS with lazy batch updates.
 
     Within each column block the mask is chosen from ``w^2 / [H^-1]_ii^2`` (exactly ``round(numel*s)``
@@ -159,13 +177,15 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
     memory (about 10x faster per column on CPU than the column-strided reference loop).
     """
     Wt = W.float().t().contiguous()  # [cols, rows]
-    H = H.float().clone()
     cols = Wt.shape[0]
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
     Wt[dead] = 0
-    Hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
-    del H
+    if hinv is None:  # ``hinv``: the factor precomputed for this H (InputStats.hinv_factor)
+        H = H.float().clone()
+        H[dead, dead] = 1
+        hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
+        del H
+    Hinv = hinv
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -178,13 +198,17 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
             n, m = nm
+        pruned1 = (~keep1).to(W1.dtype)  # 1 where pruned: err_i = W1[i] * pruned1[i] / d_i
+        # per-column views made once: the loop below is two kernels per column, no indexing
+        w_rows, e_rows, p_rows = W1.unbind(0), Err1.unbind(0), pruned1.unbind(0)
+        d_list = d.tolist()
         for i in range(count):
             if nm is not None and i % m == 0:
                 j = min(i + m, count)
                 keep1[i:j] = nm_mask((W1[i:j].square() / d[i:j].square().unsqueeze(1)).t(), n, m).t()
-            err = W1[i].masked_fill(keep1[i], 0.0).div_(d[i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            Err1[i] = err
+                pruned1[i:j] = ~keep1[i:j]
+            torch.mul(w_rows[i], p_rows[i], out=e_rows[i]).div_(d_list[i])
+            W1[i:].addr_(Hinv1[i, i:], e_rows[i], alpha=-1)
         W1.mul_(keep1)  # exact zeros where pruned
         Wt[i1:i2] = W1
         if i2 < cols:
@@ -201,7 +225,8 @@ class SparseGPT(PruningMethod):
         H = stats.H
         if stats.G is not None:
             weight = corrected_target(weight, H, stats.G, self.cfg.percdamp, self.cfg.damp_mode)
-        return sparsegpt_prune(weight, H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp, self.cfg.damp_mode)
+        return sparsegpt_prune(weight, H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp, self.cfg.damp_mode,
+                               hinv=stats.hinv_factor(self.cfg.percdamp, self.cfg.damp_mode))
 
 
 @torch.no_grad()
