@@ -44,15 +44,23 @@ def _json_default(o):
     return str(o)
 
 
-def _rss_peak_mb() -> float:
-    """Peak resident set size since the last reset (VmHWM), in MiB."""
+def proc_kb(path: str, key: str) -> Optional[int]:
+    """The ``key: <n> kB`` value of a /proc file (``/proc/self/status``, ``/proc/meminfo``), or None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
+    return None
+
+
+def _rss_peak_mb() -> float:
+    """Peak resident set size since the last reset (VmHWM), in MiB."""
+    kb = proc_kb("/proc/self/status", "VmHWM")
+    if kb is not None:
+        return kb / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

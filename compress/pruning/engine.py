@@ -29,7 +29,7 @@ from compress.config import CalibConfig, PruneConfig, parse_pattern
 from compress.pruning.masks import check_nm
 from compress.pruning.methods import InputStats, PruningMethod, get_method
 from compress.pruning.schedule import layer_sparsities
-from compress.record import _rss_peak_mb
+from compress.record import _rss_peak_mb, proc_kb
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,8 @@ def single_pass_inflight_mb(model: nn.Module, ntokens: int) -> Optional[float]:
 def _free_memory_mb(device: torch.device) -> Optional[float]:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2**20
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    kb = proc_kb("/proc/meminfo", "MemAvailable")
+    return kb / 1024 if kb is not None else None
 
 
 @dataclass

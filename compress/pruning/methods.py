@@ -199,7 +199,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
             keep1 = torch.ones_like(W1, dtype=torch.bool)
             n, m = nm
         pruned1 = (~keep1).to(W1.dtype)  # 1 where pruned: err_i = W1[i] * pruned1[i] / d_i
-        # per-column views made once: the loop below is two kernels per column, no indexing
+        # per-column views made once, so the loop below runs two kernels (and two slices) per column
         w_rows, e_rows, p_rows = W1.unbind(0), Err1.unbind(0), pruned1.unbind(0)
         d_list = d.tolist()
         for i in range(count):
