@@ -58,7 +58,7 @@ REF = {
 MODES = {"seq": dict(sequential=True), "ref": dict(sequential=False), "port": None}
 
 
-def _achieved(model, pattern: str) -> float:
+def _achieved(model) -> float:
     """Zeros over all block linears (the port prunes every linear of every block)."""
     _, blocks = find_blocks(model)
     ws = [m.weight for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
@@ -125,7 +125,7 @@ def main(argv=None):
                 secs = time.perf_counter() - t0
             ppl = perplexity(model, tok, progress=False)["ppl"]
             if mode == "port":
-                achieved, nm_exact, rel_err = _achieved(model, cfg.pattern), None, None
+                achieved, nm_exact, rel_err = _achieved(model), None, None
             else:
                 achieved, nm_exact, rel_err = rep.achieved(), rep.summary().get("nm_exact"), rep.summary()["mean_rel_error"]
             row = {"name": name, "mode": mode, "config": {k: v for k, v in vars(cfg).items()}, "ppl": ppl,
