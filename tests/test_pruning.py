@@ -139,6 +139,62 @@ def test_sequential_mode_prunes_in_one_pass(tiny_model, calib_ids, family):
     assert not all(torch.equal(x == 0, y == 0) for x, y in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_statistics_pass_stops_after_last_linear(tiny_model, calib_ids, family, method):
+    """The two-pass mode's statistics pass stops each batch (after the first) once every target linear
+    has been fed: the statistics equal those of full forwards, and the block's tail runs only once."""
+    from compress.pruning.engine import _Collector
+    from compress.pruning.methods import get_method
+
+    model = tiny_model(family, seed=4)
+    cfg = PruneConfig(method=method, sparsity=0.5)
+    inputs = capture_block_inputs(model, calib_ids, batch_size=2)
+    _, blocks = find_blocks(model)
+    block = blocks[1]
+    linears = target_linears(block, cfg)
+    full = _Collector(linears, get_method(method, cfg), "cpu")
+    full.forward_all(block, inputs)
+    full.remove()
+    early = _Collector(linears, get_method(method, cfg), "cpu")
+    last = list(linears.values())[-1]
+    out_calls = []
+    h = last.register_forward_hook(lambda *a: out_calls.append(1))  # runs only when the linear itself runs
+    early.collect_all(block, inputs)
+    h.remove()
+    early.remove()
+    assert len(inputs) == 4 and len(out_calls) == 1  # the last linear computed its output for batch 0 only
+    assert early.order == full.order
+    for name in linears:
+        a, b = full.stats[name], early.stats[name]
+        assert a.tokens == b.tokens == calib_ids.numel()
+        for x, y in [(a.sqnorm, b.sqnorm), (a._H, b._H)]:
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_statistics_pass_runs_blocks_with_a_repeated_linear_in_full():
+    """A block that calls a target linear twice per forward is never cut short."""
+    from compress.calibration import BlockInputs
+    from compress.pruning.engine import _Collector
+    from compress.pruning.methods import get_method
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    cfg = PruneConfig(method="wanda", sparsity=0.5)
+    block = Twice()
+    inputs = BlockInputs([torch.randn(1, 4, 8) for _ in range(3)], [()] * 3, [{}] * 3)
+    col = _Collector(target_linears(block, cfg), get_method("wanda", cfg), "cpu")
+    col.collect_all(block, inputs)
+    col.remove()
+    assert col.stats["a"].tokens == 2 * 3 * 4 and col.stats["b"].tokens == 3 * 4
+
+
 def test_owl_schedule_keeps_mean_sparsity(tiny_model, calib_ids):
     model = tiny_model("llama")
     cfg = PruneConfig(method="wanda", sparsity=0.5, schedule="owl", owl_lambda=0.1, owl_m=3)

@@ -115,6 +115,10 @@ class PruneReport:
         return "\n".join(lines)
 
 
+class _StatisticsComplete(Exception):
+    """Raised by a statistics hook once the current batch has fed every target linear."""
+
+
 class _Collector:
     """Pre-hooks on the target linears of one block that feed :class:`InputStats`.
 
@@ -133,6 +137,8 @@ class _Collector:
         self.dense_inputs: Optional[Dict[str, List[torch.Tensor]]] = None  # error correction: X_dense per batch
         self.record = False  # record mode: store inputs per batch instead of accumulating statistics
         self.recorded: Dict[str, List[torch.Tensor]] = {}
+        self.stop_when_complete = False  # collect_all: stop a batch once it has fed every target linear
+        self._fed: Dict[object, set] = {}
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
 
     def _hook(self, name):
@@ -161,11 +167,17 @@ class _Collector:
                 self.stats[name].add(x, xd)
             if self.on_input is not None:
                 self.on_input(name)
+            if self.stop_when_complete:
+                fed = self._fed.setdefault(self.current, set())
+                fed.add(name)
+                if len(fed) == len(self.linears):
+                    raise _StatisticsComplete
             return None
         return hook
 
     def end_batch(self, key):
         self._seen.pop(key, None)
+        self._fed.pop(key, None)
 
     def forward_all(self, block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
         """Run every batch through ``block`` with the hooks live (statistics or recording)."""
@@ -175,6 +187,37 @@ class _Collector:
             outs.append(inputs.call(block, b))
             self.end_batch(b)
         return outs
+
+    def collect_all(self, block: nn.Module, inputs: BlockInputs) -> None:
+        """Statistics only, outputs not wanted: after the first batch has shown that every target linear
+        is called exactly once per forward, each later batch stops as soon as it has fed all of them
+        (the rest of the block, e.g. the down projection and what follows it, is skipped). Blocks that
+        call a target linear more or less than once (shared or routed modules) run in full."""
+        calls: Dict[str, int] = {}
+
+        def count(module, args):
+            calls[names[module]] = calls.get(names[module], 0) + 1
+
+        names = {mod: name for name, mod in self.linears.items()}
+        handles = [mod.register_forward_pre_hook(count) for mod in self.linears.values()]
+        try:
+            self.current = 0
+            inputs.call(block, 0)
+            self.end_batch(0)
+        finally:
+            for h in handles:
+                h.remove()
+        self.stop_when_complete = len(calls) == len(self.linears) and all(c == 1 for c in calls.values())
+        try:
+            for b in range(1, len(inputs)):
+                self.current = b
+                try:
+                    inputs.call(block, b)
+                except _StatisticsComplete:
+                    pass
+                self.end_batch(b)
+        finally:
+            self.stop_when_complete = False
 
     def remove(self):
         for h in self.handles:
@@ -386,12 +429,17 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                                                            cfg.reconstruct_lr, seed=bidx, outputs=outs)
                     report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
                 result = BlockResult(outputs=outs, dense_outputs=dense_outs)
-            else:
+            elif cfg.propagate == "dense":  # the outputs before pruning are the dense outputs to propagate
                 outs = collector.forward_all(block, inputs)
                 for name in collector.order:
                     prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
-                # these are the outputs before pruning: dense outputs when propagate=dense
-                result = BlockResult(dense_outputs=outs) if cfg.propagate == "dense" else None
+                result = BlockResult(dense_outputs=outs)
+            else:  # statistics pass (stops each batch after the last linear), prune; the pipeline runs the
+                # pruned block for the outputs
+                collector.collect_all(block, inputs)
+                for name in collector.order:
+                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
+                result = None
         finally:
             collector.remove()
         block_entry(bidx, linears, t0)
