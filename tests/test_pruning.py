@@ -46,6 +46,20 @@ def test_mask_ties_are_deterministic():
     assert torch.equal(a, b) and int((~a).sum()) == 16
 
 
+@pytest.mark.parametrize("levels", [None, 5])  # continuous scores (fast path) and heavy ties (tie rule)
+def test_unstructured_mask_equals_stable_sort(levels):
+    """Exactly the k lowest scores per row are pruned, ties broken by position like a stable sort."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(16, 40, generator=g)
+    if levels:
+        s = (s * levels).floor()
+    k = 17
+    mask = unstructured_mask(s, k / 40, per_row=True)
+    order = torch.sort(s, dim=-1, stable=True).indices[:, :k]
+    expected = torch.ones_like(mask).scatter_(1, order, False)
+    assert torch.equal(mask, expected)
+
+
 # ---- SparseGPT vs magnitude on the same layer and inputs ----
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_sparsegpt_reconstruction_error_below_magnitude(nm):

@@ -27,6 +27,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
     # position order until exactly k are gone (the same tie rule as a stable sort), without sorting.
     f = flat.float()
     thresh = torch.kthvalue(f, k, dim=-1, keepdim=True).values
+    prune = f <= thresh
+    if bool((prune.sum(-1) == k).all()):  # no ties at the threshold (the usual case): done
+        return (~prune).view_as(scores)
     below = f < thresh
     tied = f == thresh
     need = k - below.sum(-1, keepdim=True)
