@@ -60,6 +60,19 @@ def test_unstructured_mask_equals_stable_sort(levels):
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (3, 6), (5, 7)])
+def test_sparsegpt_nm_exact_when_m_does_not_divide_the_block(nm):
+    """N:M groups are global (every M consecutive inputs from column 0), whatever prune.blocksize is."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(256, 60, generator=g)
+    W = torch.randn(12, 60, generator=g)
+    out = sparsegpt_prune(W, X.t() @ X, 0.5, nm, blocksize=16)
+    assert check_nm(out, *nm)
+    full = 60 - 60 % nm[1]
+    kept = (out[:, :full] != 0).view(12, -1, nm[1]).sum(-1)
+    assert bool((kept == nm[0]).all())
+
+
 # ---- SparseGPT vs magnitude on the same layer and inputs ----
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_sparsegpt_reconstruction_error_below_magnitude(nm):

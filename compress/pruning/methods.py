@@ -186,6 +186,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
         hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
         del H
     Hinv = hinv
+    if nm is not None:  # column blocks start on group boundaries, so N:M groups never straddle two blocks
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
