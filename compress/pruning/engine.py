@@ -3,8 +3,9 @@
 Two block-processing modes share the sequential calibration pipeline:
 
 * ``sequential=False`` (the reference behaviour): one forward of the block over all calibration
-  batches collects the statistics of every target linear on the block's (dense) internal inputs,
-  then all linears are pruned, then a second forward produces the outputs for the next block.
+  batches collects the statistics of every target linear on the block's (dense) internal inputs
+  (each batch after the first stops once it has fed every target linear), then all linears are
+  pruned, then a second forward produces the outputs for the next block.
 * ``sequential=True``: one forward only. Each calibration batch runs in its own greenlet; every
   target linear's pre-hook records the batch's input and pauses. When all batches wait at the same
   linear its statistics are complete, it is pruned, and the batches resume *through the pruned
