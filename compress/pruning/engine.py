@@ -139,7 +139,7 @@ class _Collector:
         self.record = False  # record mode: store inputs per batch instead of accumulating statistics
         self.recorded: Dict[str, List[torch.Tensor]] = {}
         self.stop_when_complete = False  # collect_all: stop a batch once it has fed every target linear
-        self._fed: Dict[object, set] = {}
+        self._calls: Dict[object, Dict[str, int]] = {}  # per batch: hook calls per linear
         self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
 
     def _hook(self, name):
@@ -168,17 +168,16 @@ class _Collector:
                 self.stats[name].add(x, xd)
             if self.on_input is not None:
                 self.on_input(name)
-            if self.stop_when_complete:
-                fed = self._fed.setdefault(self.current, set())
-                fed.add(name)
-                if len(fed) == len(self.linears):
-                    raise _StatisticsComplete
+            calls = self._calls.setdefault(self.current, {})
+            calls[name] = calls.get(name, 0) + 1
+            if self.stop_when_complete and len(calls) == len(self.linears):
+                raise _StatisticsComplete
             return None
         return hook
 
     def end_batch(self, key):
         self._seen.pop(key, None)
-        self._fed.pop(key, None)
+        self._calls.pop(key, None)
 
     def forward_all(self, block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
         """Run every batch through ``block`` with the hooks live (statistics or recording)."""
@@ -194,20 +193,10 @@ class _Collector:
         is called exactly once per forward, each later batch stops as soon as it has fed all of them
         (the rest of the block, e.g. the down projection and what follows it, is skipped). Blocks that
         call a target linear more or less than once (shared or routed modules) run in full."""
-        calls: Dict[str, int] = {}
-
-        def count(module, args):
-            calls[names[module]] = calls.get(names[module], 0) + 1
-
-        names = {mod: name for name, mod in self.linears.items()}
-        handles = [mod.register_forward_pre_hook(count) for mod in self.linears.values()]
-        try:
-            self.current = 0
-            inputs.call(block, 0)
-            self.end_batch(0)
-        finally:
-            for h in handles:
-                h.remove()
+        self.current = 0
+        inputs.call(block, 0)
+        calls = self._calls.get(0, {})
+        self.end_batch(0)
         self.stop_when_complete = len(calls) == len(self.linears) and all(c == 1 for c in calls.values())
         try:
             for b in range(1, len(inputs)):
@@ -430,17 +419,15 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                                                            cfg.reconstruct_lr, seed=bidx, outputs=outs)
                     report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
                 result = BlockResult(outputs=outs, dense_outputs=dense_outs)
-            elif cfg.propagate == "dense":  # the outputs before pruning are the dense outputs to propagate
-                outs = collector.forward_all(block, inputs)
-                for name in collector.order:
-                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
-                result = BlockResult(dense_outputs=outs)
-            else:  # statistics pass (stops each batch after the last linear), prune; the pipeline runs the
-                # pruned block for the outputs
-                collector.collect_all(block, inputs)
-                for name in collector.order:
-                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
+            else:  # statistics pass, prune all; the pipeline then runs the pruned block for the outputs,
+                # except with propagate=dense, where the outputs before pruning are the ones to propagate
                 result = None
+                if cfg.propagate == "dense":
+                    result = BlockResult(dense_outputs=collector.forward_all(block, inputs))
+                else:
+                    collector.collect_all(block, inputs)  # stops each batch after the last linear
+                for name in collector.order:
+                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
         finally:
             collector.remove()
         block_entry(bidx, linears, t0)

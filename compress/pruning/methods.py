@@ -53,10 +53,7 @@ class InputStats:
         once per distinct input: q/k/v and gate/up share it."""
         key = ("hinv", percdamp, damp_mode)
         if key not in self._cache:
-            H = self.H.clone()
-            dead = torch.diagonal(H) == 0
-            H[dead, dead] = 1
-            self._cache[key] = _damped_inverse_cholesky(H, percdamp, damp_mode)
+            self._cache[key] = _damped_inverse_cholesky(self.H, percdamp, damp_mode)
         return self._cache[key]
 
     @torch.no_grad()
@@ -142,9 +139,13 @@ class Wanda(PruningMethod):
 
 def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
     """Upper Cholesky factor of (H + damp)^-1, escalating the damping if H is not positive definite.
+    Dead inputs (zero diagonal) get 1 on the diagonal first; ``H`` itself is not modified.
 
     The inverse goes through a triangular solve (``cholesky_inverse`` is several times slower on CPU).
     """
+    H = H.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
     diag = torch.diagonal(H)
     if damp_mode == "mean":
         damp = percdamp * diag.mean()
@@ -180,12 +181,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
     cols = Wt.shape[0]
     dead = torch.diagonal(H) == 0
     Wt[dead] = 0
-    if hinv is None:  # ``hinv``: the factor precomputed for this H (InputStats.hinv_factor)
-        H = H.float().clone()
-        H[dead, dead] = 1
-        hinv = _damped_inverse_cholesky(H, percdamp, damp_mode)
-        del H
-    Hinv = hinv
+    # ``hinv``: the factor precomputed for this H (InputStats.hinv_factor)
+    Hinv = hinv if hinv is not None else _damped_inverse_cholesky(H, percdamp, damp_mode)
     if nm is not None:  # column blocks start on group boundaries, so N:M groups never straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     for i1 in range(0, cols, blocksize):
