@@ -139,12 +139,13 @@ def prune_reference_style(model: nn.Module, calib_ids: torch.Tensor, method: str
         return
     inps = capture_block_inputs(model, calib_ids, batch_size=1)
     hidden = list(inps.hidden)
-    for block in blocks:
+    for bi, block in enumerate(blocks):
+        binp = inps.block(bi)  # this block's own arguments (masks, rotary) with the propagated hidden states
         subset = _linears(block)
         wrapped = {n: _Wrapped(m, hessian=method == "sparsegpt") for n, m in subset.items()}
         handles = [m.register_forward_hook(lambda mod, inp, out, n=n: wrapped[n].add_batch(inp[0].data))
                    for n, m in subset.items()]
-        outs = [inps.call(block, j, hidden[j]) for j in range(len(hidden))]
+        outs = [binp.call(block, j, hidden[j]) for j in range(len(hidden))]
         for h in handles:
             h.remove()
         for name, w in wrapped.items():
@@ -160,5 +161,5 @@ def prune_reference_style(model: nn.Module, calib_ids: torch.Tensor, method: str
                 mask = torch.zeros_like(metric, dtype=torch.bool).scatter_(1, idx, True)
             W[mask] = 0
         del wrapped
-        outs = [inps.call(block, j, hidden[j]) for j in range(len(hidden))]
+        outs = [binp.call(block, j, hidden[j]) for j in range(len(hidden))]
         hidden = outs

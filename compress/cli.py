@@ -84,9 +84,16 @@ def _task(cfg) -> None:
         run_experiment(config, out_dir=hc.runtime.output_dir, recipe=None if recipe == "none" else recipe,
                        resolved=cfg, sweep_dir=hc.sweep.dir if multirun else None)
     except Exception as e:  # in a sweep a failed cell is recorded (results.json) and the others go on
-        if not multirun:
-            raise
-        print(f"compress: cell {hc.runtime.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        from compress.errors import CompressError
+
+        if multirun:
+            print(f"compress: cell {hc.runtime.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return
+        if isinstance(e, CompressError):  # a refusal or shortfall, said in words: no traceback
+            print(f"compress: {type(e).__name__}: {e}\n(recorded in {hc.runtime.output_dir}/results.json)",
+                  file=sys.stderr)
+            sys.exit(1)
+        raise
 
 
 def main(argv=None) -> None:

@@ -40,6 +40,16 @@ def _positive(key: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} is not valid: it must be a positive integer")
 
 
+def dataset_key(source: str) -> str:
+    """The metric key of an eval dataset: a named source as is (``wikitext2``), a local file by its stem
+    (``metrics.ppl.my_corpus`` for ``/data/my_corpus.txt``)."""
+    if "/" in source or "\\" in source or "." in source:
+        import os
+
+        return os.path.splitext(os.path.basename(source))[0] or source
+    return source
+
+
 def parse_pattern(pattern: str) -> Optional[tuple]:
     """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4) meaning 2 weights kept in every 4."""
     if pattern == "unstructured":
@@ -131,6 +141,11 @@ class EvalConfig:
         _positive("eval.speed_seqlen", self.speed_seqlen)
         if not self.datasets:
             raise ConfigError("eval.datasets is empty: name at least one dataset (e.g. wikitext2)")
+        keys = [dataset_key(d) for d in self.datasets]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ConfigError(f"eval.datasets={list(self.datasets)}: two datasets share the metric key {dup} (a local "
+                              "file's key is its file name without extension); rename one")
 
 
 @dataclass
@@ -146,7 +161,12 @@ class PruneConfig:
     targets: List[str] = field(default_factory=lambda: [r".*"])  # regex on module names inside blocks
     ignore: List[str] = field(default_factory=list)
     propagate: str = "pruned"  # pruned (reference) | dense: which outputs feed the next block
-    sequential: bool = True  # single pass, linears pruned in forward order on already-pruned inputs (false = reference two-pass)
+    # true: single pass (linears pruned in forward order on already-pruned inputs; every calibration sample
+    # waits inside the block); false: the reference two-pass mode (one sample's activations at a time);
+    # auto: the single pass when its estimated peak memory fits memory_budget x the free memory of the
+    # device holding the activations, else two passes (options that need the single pass force it)
+    sequential: str = "auto"
+    memory_budget: float = 0.5  # sequential=auto: fraction of the free device memory the single pass may use
     offload: bool = False  # keep blocks on CPU and onload one at a time
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT relative dampening
@@ -170,8 +190,15 @@ class PruneConfig:
         _choice("prune.schedule", self.schedule, SCHEDULES)
         _choice("prune.scope", self.scope, ("layer", "global"))
         _choice("prune.propagate", self.propagate, ("pruned", "dense"))
-        if self.propagate == "dense" and self.sequential:
-            raise ConfigError("prune.propagate=dense needs prune.sequential=false (the single pass propagates pruned outputs)")
+        seq = self.sequential
+        self.sequential = ("true" if seq else "false") if isinstance(seq, bool) else str(seq).lower()
+        _choice("prune.sequential", self.sequential, ("auto", "true", "false"))
+        if not isinstance(self.memory_budget, (int, float)) or not 0 < float(self.memory_budget) <= 1:
+            raise ConfigError(f"prune.memory_budget={self.memory_budget!r} is not valid: it must be in (0, 1] "
+                              "(a fraction of the free memory)")
+        if self.propagate == "dense" and self.sequential == "true":
+            raise ConfigError("prune.propagate=dense needs prune.sequential=false or auto (the single pass propagates "
+                              "pruned outputs)")
         _choice("prune.damp_mode", self.damp_mode, ("mean", "median"))
         if nm is not None and self.schedule != "uniform":
             raise ConfigError(f"prune.schedule={self.schedule!r} needs prune.pattern=unstructured (N:M fixes each layer's sparsity)")
@@ -185,13 +212,18 @@ class PruneConfig:
                     raise ConfigError(f"prune.layer_sparsities has {s!r}: each must be in [0, 1)")
         if not 0 <= self.owl_lambda < 1:
             raise ConfigError(f"prune.owl_lambda={self.owl_lambda!r} is not valid: it must be in [0, 1)")
-        if self.error_correction and (self.method != "sparsegpt" or not self.sequential):
-            raise ConfigError("prune.error_correction=true needs prune.method=sparsegpt and prune.sequential=true")
-        if self.reconstruct_epochs and (self.method == "magnitude" or not self.sequential):
-            raise ConfigError("prune.reconstruct_epochs > 0 needs a calibration method (wanda, sparsegpt) and prune.sequential=true")
-        if self.dense_stats and (self.method == "magnitude" or not self.sequential or self.error_correction):
+        two_pass = self.sequential == "false"
+        if self.error_correction and (self.method != "sparsegpt" or two_pass):
+            raise ConfigError("prune.error_correction=true needs prune.method=sparsegpt and prune.sequential=true or auto")
+        if self.reconstruct_epochs and (self.method == "magnitude" or two_pass):
+            raise ConfigError("prune.reconstruct_epochs > 0 needs a calibration method (wanda, sparsegpt) and "
+                              "prune.sequential=true or auto")
+        if self.dense_stats and (self.method == "magnitude" or two_pass or self.error_correction):
             raise ConfigError("prune.dense_stats=true needs a calibration method (wanda, sparsegpt), "
-                              "prune.sequential=true and prune.error_correction=false")
+                              "prune.sequential=true or auto and prune.error_correction=false")
+        if self.needs_single_pass() and self.propagate == "dense":
+            raise ConfigError("prune.propagate=dense cannot be combined with error_correction, reconstruct_epochs or "
+                              "dense_stats (they need the single pass)")
         if self.reconstruct_epochs < 0 or not self.reconstruct_lr > 0:
             raise ConfigError("prune.reconstruct_epochs must be >= 0 and prune.reconstruct_lr > 0")
         _positive("prune.blocksize", self.blocksize)
@@ -202,6 +234,14 @@ class PruneConfig:
                 re.compile(rx)
             except re.error as e:
                 raise ConfigError(f"prune.targets/ignore has an invalid regex {rx!r}: {e}") from None
+
+
+    def needs_single_pass(self) -> str:
+        """The option that only the single pass supports, or '' (``sequential=auto`` then picks it)."""
+        for key in ("error_correction", "reconstruct_epochs", "dense_stats"):
+            if getattr(self, key):
+                return f"prune.{key}"
+        return ""
 
 
 @dataclass
@@ -222,7 +262,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # regexes on the module names inside a decoder block (as prune.targets); default: every linear of every block
+    lora_targets: List[str] = field(default_factory=lambda: [r".*"])
     qlora_bits: int = 4
     distill: bool = False
     distill_alpha: float = 0.5  # weight of the KD loss (1 - alpha on the LM loss)
@@ -249,6 +290,11 @@ class TrainConfig:
         if not isinstance(self.chunked_loss, int) or self.chunked_loss < 0:
             raise ConfigError(f"train.chunked_loss={self.chunked_loss!r} is not valid: it must be 0 (off) or a positive "
                               "number of tokens per chunk")
+        for rx in self.lora_targets:
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"train.lora_targets has an invalid regex {rx!r}: {e}") from None
         if self.chunked_loss and self.distill:
             raise ConfigError("train.chunked_loss needs train.distill=false (the KD loss needs the full logits)")
 
@@ -272,6 +318,9 @@ class QuantConfig:
 @dataclass
 class OutputConfig:
     save_model: bool = False  # save the compressed model (safetensors) into the run dir
+    # a finished run of the same config made by another code version (package version + git commit) is
+    # run again unless this is true (then it is reused as it is); not part of a run's identity
+    reuse_other_code: bool = False
 
 
 @dataclass

@@ -87,21 +87,12 @@ def _unique_params(model):
         yield p
 
 
-def prunable_linears(model):
-    """Linear layers inside the decoder blocks (embeddings and lm_head are not prunable)."""
-    from compress.calibration import find_blocks
-
-    _, blocks = find_blocks(model)
-    out = {}
-    for i, block in enumerate(blocks):
-        for name, mod in block.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                out[f"{i}.{name}"] = mod
-    return out
-
-
 @torch.no_grad()
-def size_metrics(model) -> Dict:
+def size_metrics(model, targets=(r".*",), ignore=()) -> Dict:
+    """Parameter counts and footprints; ``sparsity`` is over the linears that ``targets``/``ignore`` select
+    (the prune stage's own selection, through the same resolver), ``prunable_params`` their size."""
+    from compress.calibration import resolve_targets
+
     total = nonzero = nbytes = 0
     for p in _unique_params(model):
         total += p.numel()
@@ -111,7 +102,7 @@ def size_metrics(model) -> Dict:
         nbytes += b.numel() * b.element_size()
     lin_total = lin_zero = 0
     saved = 0  # bytes saved by storing sparse linears as non-zero values + a 1-bit mask per weight
-    for mod in prunable_linears(model).values():
+    for mod in resolve_targets(model, targets, ignore).flat().values():
         w = mod.weight
         zeros = int((w == 0).sum())
         lin_total += w.numel()

@@ -30,13 +30,26 @@ class StageContext:
 
 
 def _stage_prune(ctx: StageContext, info: Dict) -> None:
+    from compress.errors import ShortfallError
     from compress.pruning import prune_model
 
-    report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device)
-    info.update(report.summary())
-    ctx.record.data["prune_report"] = report.to_dict()
-    ctx.record.data["protocol"]["calibration"] = report.calibration
-    print(report.table())
+    def record(report):
+        info.update(report.summary())
+        if report.mode:
+            info["mode"] = report.mode["chosen"]
+            info["mode_decision"] = report.mode
+        info["check"] = report.check
+        ctx.record.data["prune_report"] = report.to_dict()
+        ctx.record.data["protocol"]["calibration"] = report.calibration
+        print(report.table())
+
+    try:
+        report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device)
+    except ShortfallError as e:  # what it did is recorded before the stage fails
+        if e.report is not None:
+            record(e.report)
+        raise
+    record(report)
 
 
 def _stage_train(ctx: StageContext, info: Dict) -> None:
@@ -76,15 +89,17 @@ def _config_dict(cfg: Config, resolved) -> Dict:
 
 
 def evaluate_into(ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
+    from compress.config import dataset_key
     from compress.evaluate import perplexity
 
     e = ctx.cfg.eval
     out = {}
     for ds in e.datasets:
+        key = dataset_key(ds)
         res = perplexity(ctx.model, ctx.tokenizer, ds, e.seqlen, e.max_windows, e.batch_size, e.add_bos)
-        out[ds] = res["ppl"]
-        ctx.record.data["metrics"].setdefault(label, {})[ds] = res["ppl"]
-        ctx.record.data["protocol"][ds] = res["protocol"]
+        out[key] = res["ppl"]
+        ctx.record.data["metrics"].setdefault(label, {})[key] = res["ppl"]
+        ctx.record.data["protocol"][key] = dict(res["protocol"], source=ds)
         ctx.record.save()
     return out
 
@@ -147,13 +162,21 @@ def final_evals(ctx: StageContext, save_to: Optional[Path] = None) -> None:
             speed_into(ctx, info)
 
 
+REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
+
+
 def config_hash(cfg_dict: Dict) -> str:
-    """Identity of a cell: the resolved config (nothing about where it runs)."""
-    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identity of a cell: the resolved config (nothing about where it runs, nor the reuse switch)."""
+    d = json.loads(json.dumps(cfg_dict, default=str))
+    (d.get(REUSE_KEY[0]) or {}).pop(REUSE_KEY[1], None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def find_finished(out_dir: Path, chash: str, sweep_dir: Optional[Path] = None) -> Optional[Path]:
-    """A finished run of the same config: in ``out_dir`` or (in a sweep) any cell of the sweep."""
+def find_finished(out_dir: Path, chash: str, sweep_dir: Optional[Path] = None, code: Optional[str] = None,
+                  reuse_other_code: bool = False) -> Optional[Path]:
+    """A finished run of the same config: in ``out_dir`` or (in a sweep) any cell of the sweep, computed
+    by the same code version (``code``, see :func:`compress.record.code_version`) unless
+    ``reuse_other_code``. A matching run by other code is reported and re-run."""
     candidates = [out_dir / "results.json"]
     if sweep_dir is not None:
         candidates += sorted(Path(sweep_dir).glob("*/results.json"))
@@ -162,8 +185,12 @@ def find_finished(out_dir: Path, chash: str, sweep_dir: Optional[Path] = None) -
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("status") == "ok" and data.get("config_hash") == chash:
+        if data.get("status") != "ok" or data.get("config_hash") != chash:
+            continue
+        if code is None or reuse_other_code or data.get("code_version") == code:
             return path
+        print(f"compress: {path.parent} finished this config with code {data.get('code_version')}, not {code}: "
+              "running it again (output.reuse_other_code=true reuses it)")
     return None
 
 
@@ -190,14 +217,14 @@ def _take_lock(path: Path) -> bool:
 def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -> None:
     """In a sweep, evaluate the dense model once per model and eval protocol, into ``sweep_dir/dense-<hash>``."""
     from compress.evaluate import size_metrics
-    from compress.record import RunRecord
+    from compress.record import RunRecord, code_version
 
     base_cfg = dataclasses.replace(ctx.cfg, prune=type(ctx.cfg.prune)(), train=type(ctx.cfg.train)(),
                                    quant=type(ctx.cfg.quant)(), description="dense baseline of the sweep")
     base = dataclasses.asdict(base_cfg)
     chash = config_hash({"model": base["model"], "eval": base["eval"]})
     d = Path(sweep_dir) / f"dense-{chash}"
-    if find_finished(d, chash) is not None:
+    if find_finished(d, chash, code=code_version(), reuse_other_code=ctx.cfg.output.reuse_other_code) is not None:
         return
     d.mkdir(parents=True, exist_ok=True)
     if not _take_lock(d / ".lock"):  # another live worker computes it
@@ -205,7 +232,7 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
     try:
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
                         description="dense baseline of the sweep")
-        rec.update_metrics(**size_metrics(ctx.model))
+        rec.update_metrics(**size_metrics(ctx.model, ctx.cfg.prune.targets, ctx.cfg.prune.ignore))
         sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)
         final_evals(sub)
         rec.finish("ok")
@@ -218,21 +245,26 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     """Run the configured stages and return the record (also in ``out_dir/results.json``).
 
     With ``skip_finished`` a config that already finished (same resolved config hash, status ok) in
-    ``out_dir`` or, in a sweep, in another cell of ``sweep_dir`` is not run again. In a sweep the dense
-    baseline is evaluated once (``sweep_dir/dense-<hash>/``).
+    ``out_dir`` or, in a sweep, in another cell of ``sweep_dir``, with the same code version (package
+    version and git commit), is not run again; ``output.reuse_other_code=true`` also reuses a run made
+    by other code. In a sweep the dense baseline is evaluated once (``sweep_dir/dense-<hash>/``).
+    Each stage runs with torch's process-global switches (TF32, cuDNN flags) restored afterwards, so
+    that one cell of a one-process sweep cannot change the numerics of the next.
     """
     from compress.evaluate import size_metrics
     from compress.models import load_model, resolve_device
-    from compress.record import RunRecord
+    from compress.record import RunRecord, code_version, scoped_torch_flags
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = _config_dict(cfg, resolved)
     chash = config_hash(cfg_dict)
+    code = code_version()
     if skip_finished:
-        done = find_finished(out_dir, chash, sweep_dir)
+        done = find_finished(out_dir, chash, sweep_dir, code=code, reuse_other_code=cfg.output.reuse_other_code)
         if done is not None:
-            print(f"compress: {recipe or 'run'} already finished in {done.parent} (config {chash}): skipped")
+            print(f"compress: {recipe or 'run'} already finished in {done.parent} (config {chash}, code "
+                  f"{json.loads(done.read_text()).get('code_version')}): skipped")
             return json.loads(done.read_text())
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
@@ -240,25 +272,28 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
 
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
     rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description,
-                    config_hash=chash)
+                    config_hash=chash, code_version=code)
     try:
         with rec.stage("load", cfg.model.name) as info:
             if model is None:
                 model, tokenizer = load_model(cfg.model, device=device)
             info["dtype"] = str(next(model.parameters()).dtype)
         ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
-        rec.update_metrics(**size_metrics(model))
+        sizes = lambda m: size_metrics(m, cfg.prune.targets, cfg.prune.ignore)  # noqa: E731 (the prune selection)
+        rec.update_metrics(**sizes(model))
         compressing = any(getattr(cfg, n).method != "none" for n in STAGES)
         if sweep_dir is not None and compressing:
-            _dense_baseline(ctx, Path(sweep_dir), recipe)
+            with scoped_torch_flags():
+                _dense_baseline(ctx, Path(sweep_dir), recipe)
         for name, fn in STAGES.items():
             method = getattr(cfg, name).method
             if method == "none":
                 continue
-            with rec.stage(name, method) as info:
+            with rec.stage(name, method) as info, scoped_torch_flags():
                 fn(ctx, info)
-            rec.update_metrics(**size_metrics(ctx.model))
-        final_evals(ctx, save_to=out_dir / "model" if cfg.output.save_model else None)
+            rec.update_metrics(**sizes(ctx.model))
+        with scoped_torch_flags():
+            final_evals(ctx, save_to=out_dir / "model" if cfg.output.save_model else None)
         rec.finish("ok")
     finally:
         if print_summary:

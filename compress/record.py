@@ -166,6 +166,42 @@ def git_commit(cwd=None) -> Optional[str]:
         return None
 
 
+def code_version() -> str:
+    """``<package version>+<git commit>`` (``-dirty`` with uncommitted changes), or the package version
+    alone outside a git checkout: what a sweep compares before reusing a finished cell."""
+    from compress import __version__
+
+    commit = git_commit()
+    return f"{__version__}+{commit[:12]}{'-dirty' if commit.endswith('-dirty') else ''}" if commit else __version__
+
+
+@contextlib.contextmanager
+def scoped_torch_flags():
+    """Restore torch's process-global numeric switches on exit (TF32 for matmul and cuDNN, the float32
+    matmul precision, cuDNN benchmark/deterministic, deterministic algorithms, the 2:4 kernel backend),
+    so that a stage that changes one (e.g. the trainer turns TF32 on) cannot change the next one's numerics."""
+    import torch
+
+    b = torch.backends
+    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision(), b.cudnn.benchmark,
+             b.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        from torch.sparse import SparseSemiStructuredTensor
+        cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS
+    except (ImportError, AttributeError):
+        SparseSemiStructuredTensor, cutlass = None, None
+    try:
+        yield
+    finally:
+        (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, precision, b.cudnn.benchmark, b.cudnn.deterministic,
+         det, warn) = saved
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+        if SparseSemiStructuredTensor is not None:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
+
+
 def environment(device: str, seed: int) -> Dict[str, Any]:
     import torch
     import transformers

@@ -6,7 +6,8 @@ Built on ``accelerate`` (device placement, mixed precision, gradient accumulatio
 * ``activation_checkpointing``: recompute decoder-block activations in backward;
 * ``grad_accum``: k micro-batches give the update of one batch k times larger (losses are scaled 1/k);
 * ``optimizer``: ``adamw`` (torch), ``adamw_8bit`` / ``paged_adamw_8bit`` / ``adam_8bit`` (bitsandbytes);
-* ``precision``: ``fp32``, ``bf16``, ``fp16`` autocast with fp32 master weights (TF32 on for CUDA);
+* ``precision``: ``fp32``, ``bf16``, ``fp16`` autocast with fp32 master weights (TF32 on for CUDA matmuls
+  while training; the process-global switches are restored when ``fit`` returns);
 * ``method``: ``full``, ``lora`` (peft), ``qlora`` (4- or 8-bit frozen base via bitsandbytes);
 * ``pin_memory``; the loss is read back (``.item()``) only every ``log_every`` steps.
 
@@ -42,12 +43,17 @@ from compress.config import TrainConfig
 
 
 # ---------------------------------------------------------------- masks
-def record_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Zero patterns (True = keep) of the prunable linears that are actually sparse."""
-    from compress.evaluate import prunable_linears
+def _block_linears(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every linear-like module of the decoder blocks, named ``"<block>.<name>"`` (the one resolver)."""
+    from compress.calibration import resolve_targets
 
+    return resolve_targets(model).flat()
+
+
+def record_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Zero patterns (True = keep) of the block linears that are actually sparse."""
     masks = {}
-    for name, mod in prunable_linears(model).items():
+    for name, mod in _block_linears(model).items():
         w = mod.weight
         if w.dtype in (torch.float32, torch.float16, torch.bfloat16) and bool((w == 0).any()):
             keep = w != 0
@@ -58,16 +64,16 @@ def record_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def check_masks(model: nn.Module, masks: Dict[str, torch.Tensor], nm=None) -> Dict:
     """Every pruned weight still zero, and any N:M pattern intact."""
-    from compress.evaluate import prunable_linears
+    from compress.calibration import weight_matrix
     from compress.pruning.masks import check_nm
 
-    lin = prunable_linears(model)
+    lin = _block_linears(model)
     bad, nm_bad = [], []
     for name, keep in masks.items():
         w = lin[name].weight
         if bool((w[~keep.to(w.device)] != 0).any()):
             bad.append(name)
-        if nm is not None and not check_nm(w, *nm):
+        if nm is not None and not check_nm(weight_matrix(lin[name]), *nm):
             nm_bad.append(name)
     return {"masked_modules": len(masks), "pruned_weights_still_zero": not bad, "violations": bad[:10],
             "nm_pattern": f"{nm[0]}:{nm[1]}" if nm else None, "nm_exact": (not nm_bad) if nm else None}
@@ -77,9 +83,7 @@ class MaskKeeper:
     """Keeps pruned weights at exactly zero during full fine-tuning (gradient masks + re-zero after steps)."""
 
     def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor]):
-        from compress.evaluate import prunable_linears
-
-        lin = prunable_linears(model)
+        lin = _block_linears(model)
         self.pairs = [(lin[n].weight, m.to(lin[n].weight.device)) for n, m in masks.items()]
         self.handles = [w.register_hook(lambda g, m=m: g * m) for w, m in self.pairs if w.requires_grad]
 
@@ -117,14 +121,19 @@ def build_scheduler(opt, cfg: TrainConfig):
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig):
+    """LoRA adapters on the block linears that ``train.lora_targets`` selects: regexes on the names inside
+    a block, resolved by the same resolver as ``prune.targets`` (default: every linear of every block,
+    whatever the family calls them; ``Conv1D`` included)."""
     from peft import LoraConfig, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = [t for t in cfg.lora_targets if t in names] or None
-    if targets is None:
-        raise ValueError(f"train.lora_targets={cfg.lora_targets} matches no linear of the model ({sorted(names)[:10]}...)")
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      bias="none", task_type="CAUSAL_LM")
+    from compress.calibration import resolve_targets
+
+    targets = resolve_targets(model, cfg.lora_targets)
+    if len(targets) == 0:
+        raise ValueError(f"train.lora_targets={list(cfg.lora_targets)} selects no linear of {type(model).__name__}; "
+                         f"linears in block 0: {targets.linear_names}")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets.qualified_names(), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
 
@@ -167,9 +176,6 @@ class Trainer:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
         self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
                                cpu=device == "cpu")
-        if self.acc.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         set_seed(cfg.seed)
         self.masks = masks if masks is not None else record_masks(model)
         self.teacher = teacher
@@ -261,6 +267,16 @@ class Trainer:
             epoch += 1
 
     def fit(self, resume: Optional[str] = None, stop_after: Optional[int] = None):
+        """Train (TF32 on for CUDA matmuls during training only: the global switches are restored after)."""
+        from compress.record import scoped_torch_flags
+
+        with scoped_torch_flags():
+            if self.acc.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            return self._fit(resume, stop_after)
+
+    def _fit(self, resume: Optional[str] = None, stop_after: Optional[int] = None):
         cfg = self.cfg
         # accelerate's gradient state is a process-wide singleton: re-assert ours (another Trainer may exist)
         self.acc.gradient_accumulation_steps = cfg.grad_accum
@@ -340,9 +356,7 @@ class Trainer:
             if self.cfg.method == "qlora":
                 return model  # 4/8-bit base: adapters stay separate (merging would dequantize)
             model = model.merge_and_unload()
-            from compress.evaluate import prunable_linears
-
-            lin = prunable_linears(model)
+            lin = _block_linears(model)
             with torch.no_grad():
                 for name, keep in self.masks.items():
                     lin[name].weight.mul_(keep.to(lin[name].weight.device))
@@ -353,7 +367,7 @@ class Trainer:
 
 def train_stage(ctx, info: Dict):
     """The ``train`` stage of an experiment."""
-    from compress.config import parse_pattern
+    from compress.config import dataset_key, parse_pattern
     from compress.data import packed_sequences
     from compress.evaluate import perplexity
 
@@ -375,7 +389,7 @@ def train_stage(ctx, info: Dict):
     if cfg.eval_before:
         before = eval_fn(model)
         info["ppl_before_train"] = before
-        ctx.record.data["metrics"]["ppl_before_train"] = {e.datasets[0]: before}
+        ctx.record.data["metrics"]["ppl_before_train"] = {dataset_key(e.datasets[0]): before}
         ctx.record.save()
     trainer = Trainer(model, cfg, ids, out_dir=ctx.out_dir, teacher=teacher, eval_fn=eval_fn, masks=masks,
                       device=ctx.device)

@@ -15,23 +15,42 @@ import torch
 VOCAB = 128
 
 
-def _tiny(family: str, seed: int = 0):
+def _tiny(family: str, seed: int = 0, vocab: int = VOCAB):
+    """A tiny random model of ``family``. The per-layer-attention families (``gemma2``, ``gemma3``,
+    ``qwen2_sliding``, ``cohere2``) have 4 blocks and a sliding window of 8 tokens, shorter than the test
+    sequences, so that sliding and full attention layers really get different masks."""
     import transformers as T
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256)
+    gqa = dict(common, intermediate_size=128, num_key_value_heads=2)
+    sliding = dict(gqa, num_hidden_layers=4, sliding_window=8)
     if family == "llama":  # GQA, tied embeddings like the default model
-        cfg = T.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True)
+        cfg = T.LlamaConfig(**gqa, tie_word_embeddings=True)
     elif family == "mistral":
-        cfg = T.MistralConfig(**common, intermediate_size=128, num_key_value_heads=2)
+        cfg = T.MistralConfig(**gqa)
     elif family == "qwen2":
-        cfg = T.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2)
+        cfg = T.Qwen2Config(**gqa)
     elif family == "opt":
-        cfg = T.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        cfg = T.OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                           max_position_embeddings=256, word_embed_proj_dim=64)
     elif family == "gpt_neox":
         cfg = T.GPTNeoXConfig(**common, intermediate_size=128)
+    elif family == "gpt2":  # Conv1D linears (transposed weights), fused c_attn
+        cfg = T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                           eos_token_id=2)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = T.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "gemma2":  # sliding / full attention alternating
+        cfg = T.Gemma2Config(**sliding, head_dim=16)
+    elif family == "gemma3":  # 3 sliding then 1 full, local and global rotary embeddings
+        cfg = T.Gemma3TextConfig(**sliding, head_dim=16, sliding_window_pattern=4,
+                                 layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    elif family == "qwen2_sliding":  # full attention in the first 2 blocks, sliding after
+        cfg = T.Qwen2Config(**sliding, use_sliding_window=True, max_window_layers=2)
+    elif family == "cohere2":
+        cfg = T.Cohere2Config(**sliding, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         raise ValueError(family)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -40,6 +59,29 @@ def _tiny(family: str, seed: int = 0):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]
+# every family whose replay and pruning is tested (PER_LAYER: with per-layer attention types)
+PER_LAYER = ["gemma2", "gemma3", "qwen2_sliding", "cohere2"]
+ALL_FAMILIES = FAMILIES + ["gpt2", "phi3"] + PER_LAYER
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + bos/eos, ids < 258) built offline, for tiny saved models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(family: str, path, seed: int = 0):
+    """Save a tiny random ``family`` model with a byte tokenizer to ``path`` (a stock HF checkpoint)."""
+    model = _tiny(family, seed=seed, vocab=260)
+    model.save_pretrained(path, safe_serialization=True)
+    byte_tokenizer().save_pretrained(path)
+    return path
 
 
 @pytest.fixture

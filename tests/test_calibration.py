@@ -3,7 +3,7 @@ import torch
 
 from compress.calibration import block_outputs, capture_block_inputs, find_blocks, run_sequential
 
-from .conftest import FAMILIES
+from .conftest import ALL_FAMILIES, FAMILIES, PER_LAYER
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -21,19 +21,20 @@ def test_block_by_block_replay_matches_full_forward(tiny_model, calib_ids, famil
     model = tiny_model(family)
     with torch.no_grad():
         ref = model(calib_ids, output_hidden_states=True).hidden_states
-    inputs = capture_block_inputs(model, calib_ids, batch_size=batch_size)
-    assert len(inputs) == -(-calib_ids.shape[0] // batch_size)
-    assert torch.allclose(torch.cat(inputs.hidden), ref[0], atol=1e-5)
+    cap = capture_block_inputs(model, calib_ids, batch_size=batch_size)
+    assert len(cap) == -(-calib_ids.shape[0] // batch_size)
+    assert torch.allclose(torch.cat(cap.hidden), ref[0], atol=1e-5)
     _, blocks = find_blocks(model)
+    hidden = cap.hidden
     for i, block in enumerate(blocks[:-1]):  # the last hidden state is after the final norm
-        inputs = inputs.with_hidden(block_outputs(block, inputs))
-        assert torch.allclose(torch.cat(inputs.hidden), ref[i + 1], atol=1e-4), f"block {i}"
+        hidden = block_outputs(block, cap.block(i, hidden))
+        assert torch.allclose(torch.cat(hidden), ref[i + 1], atol=1e-4), f"block {i}"
 
 
 def test_capture_records_kwargs(tiny_model, calib_ids):
     model = tiny_model("llama")
-    inputs = capture_block_inputs(model, calib_ids, batch_size=4)
-    assert "position_embeddings" in inputs.kwargs[0]
+    cap = capture_block_inputs(model, calib_ids, batch_size=4)
+    assert "position_embeddings" in cap.kwargs[0][0] and cap.nblocks == 2
 
 
 def test_run_sequential_visits_every_block_once_offloaded(tiny_model, calib_ids):
@@ -46,3 +47,86 @@ def test_run_sequential_visits_every_block_once_offloaded(tiny_model, calib_ids)
 
     run_sequential(model, calib_ids, process, batch_size=4, offload=True, progress=False)
     assert seen == [0, 1]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _model_states(model, ids):
+    """The model's own block inputs (output_hidden_states) and every block's output; the last hidden state
+    that output_hidden_states returns is after the final norm, so block outputs come from forward hooks."""
+    _, blocks = find_blocks(model)
+    outs = []
+    hs = [b.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    for h in hs:
+        h.remove()
+    for i in range(len(blocks) - 1):
+        assert torch.equal(outs[i], states[i + 1])
+    return states, outs
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_replay_equals_the_model_in_every_family(tiny_model, calib_ids, family):
+    """Block-by-block replay through compress.calibration reproduces the model's own hidden states
+    (output_hidden_states for every block's input, a forward hook for the last block's output) within 1e-5
+    relative in fp32, for families with per-layer attention types too."""
+    model = tiny_model(family)
+    _, blocks = find_blocks(model)
+    states, outs = _model_states(model, calib_ids)
+    cap = capture_block_inputs(model, calib_ids, batch_size=3)
+    hidden = cap.hidden
+    assert _rel(torch.cat(hidden), states[0]) <= 1e-5
+    for i, block in enumerate(blocks):
+        hidden = block_outputs(block, cap.block(i, hidden))
+        assert _rel(torch.cat(hidden), outs[i]) <= 1e-5, f"block {i}"
+
+
+@pytest.mark.parametrize("family", PER_LAYER)
+def test_per_layer_families_really_get_different_arguments(tiny_model, calib_ids, family):
+    """The per-layer families' blocks receive different masks (the sliding window of 8 is shorter than the
+    32-token sequences), and replaying block 0's arguments to every block (the old behaviour) is wrong."""
+    model = tiny_model(family)
+    cap = capture_block_inputs(model, calib_ids, batch_size=4)
+    assert "attention_mask" in cap.per_block_keys()
+    _, blocks = find_blocks(model)
+    _, outs = _model_states(model, calib_ids)
+    hidden, errs = cap.hidden, []
+    for i, block in enumerate(blocks):
+        hidden = block_outputs(block, cap.block(0, hidden))  # block 0's arguments everywhere
+        errs.append(_rel(torch.cat(hidden), outs[i]))
+    assert max(errs) > 1e-2
+
+
+def test_block_arguments_computed_from_earlier_blocks_are_refused(calib_ids):
+    """A model that derives a block's arguments from the previous block's output cannot be replayed from
+    arguments recorded once: it is refused by name instead of calibrated on wrong activations."""
+    from types import SimpleNamespace
+
+    from compress.errors import UnsupportedModelError
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, h, scale=None):
+            return h + self.fc(h) * scale
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(use_cache=False)
+            self.emb = torch.nn.Embedding(128, 8)
+            self.layers = torch.nn.ModuleList([Block() for _ in range(3)])
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.emb(input_ids)
+            for layer in self.layers:
+                h = layer(h, scale=h.mean(-1, keepdim=True))
+            return h
+
+    with pytest.raises(UnsupportedModelError, match="depend on what earlier blocks compute"):
+        capture_block_inputs(Toy(), calib_ids, batch_size=4)

@@ -1,13 +1,16 @@
 import pytest
 import torch
 
-from compress.calibration import capture_block_inputs, find_blocks
+from compress.calibration import block_targets, capture_block_inputs, find_blocks, weight_matrix
 from compress.config import PruneConfig
 from compress.evaluate import perplexity_from_ids
-from compress.pruning import (InputStats, check_nm, make_mask, nm_mask, prune_model, sparsegpt_prune, target_linears,
-                              unstructured_mask)
+from compress.pruning import InputStats, check_nm, make_mask, nm_mask, prune_model, sparsegpt_prune, unstructured_mask
 
-from .conftest import FAMILIES
+
+def target_linears(block, cfg):
+    return block_targets(block, cfg.targets, cfg.ignore)
+
+from .conftest import ALL_FAMILIES, FAMILIES
 
 
 # ---- masks (pure functions) ----
@@ -98,17 +101,21 @@ def test_sparsegpt_reconstruction_error_below_magnitude(nm):
 
 
 # ---- the engine on tiny models of several families, no per-family code ----
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_prune_exact_sparsity_all_families(tiny_model, calib_ids, family, method, pattern):
+    """Every family, Conv1D (GPT-2) and fused qkv / gate_up (Phi-3) included: every linear of every block
+    is pruned, per output row for Wanda, N:M along the input dimension of the [out, in] weight."""
     model = tiny_model(family)
     cfg = PruneConfig(method=method, sparsity=0.5, pattern=pattern, blocksize=32)
     report = prune_model(model, None, cfg, calib_ids=calib_ids, progress=False)
     _, blocks = find_blocks(model)
+    n = sum(len(target_linears(b, cfg)) for b in blocks)
+    assert n >= 4 * len(blocks) and len(report.modules) == n and report.check["ok"]
     for block in blocks:
         for name, lin in target_linears(block, cfg).items():
-            w = lin.weight
+            w = weight_matrix(lin)
             if pattern == "2:4":
                 assert check_nm(w, 2, 4), name
                 assert bool(((w != 0).view(w.shape[0], -1, 4).sum(-1) == 2).all()), name
@@ -120,6 +127,60 @@ def test_prune_exact_sparsity_all_families(tiny_model, calib_ids, family, method
     # embeddings / lm_head untouched
     emb = model.get_input_embeddings().weight
     assert float((emb == 0).float().mean()) < 0.01
+
+
+def test_conv1d_is_pruned_in_its_transposed_layout(tiny_model, calib_ids):
+    """GPT-2's Conv1D stores [in, out]: Wanda's per-row budget and 2:4 groups apply to the [out, in] view,
+    and the pruned layer's outputs match a Linear holding the same [out, in] weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_model("gpt2")
+    prune_model(model, None, PruneConfig(method="wanda", pattern="2:4"), calib_ids=calib_ids, progress=False)
+    conv = model.transformer.h[0].mlp.c_fc
+    assert isinstance(conv, Conv1D) and conv.weight.shape == (64, 256)
+    w = weight_matrix(conv)
+    assert w.shape == (256, 64) and check_nm(w, 2, 4)
+    assert not check_nm(conv.weight, 2, 4)  # the stored layout is not what the groups follow
+    lin = torch.nn.Linear(64, 256)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(conv.bias)
+        x = torch.randn(3, 64)
+        assert torch.allclose(lin(x), conv(x), atol=1e-6)
+
+
+def test_unhandled_weight_holders_are_refused_by_name(tiny_model, calib_ids):
+    """A module inside a block that holds a weight matrix but is neither Linear nor Conv1D (here an
+    Embedding) is refused, naming it, before any work; ignoring it explicitly prunes the rest."""
+    from compress.errors import UnsupportedModelError
+
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.table = torch.nn.Embedding(10, 64)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedModelError, match=r"layers\.1\.mlp\.table \(Embedding: weight \[10, 64\]\)"):
+        prune_model(model, None, PruneConfig(method="wanda"), calib_ids=calib_ids, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was touched
+    r = prune_model(model, None, PruneConfig(method="magnitude", ignore=[r"mlp\.table"]), progress=False)
+    assert r.check["ok"] and len(r.modules) == 14
+
+
+def test_nothing_selected_is_refused(tiny_model):
+    from compress.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"selects no module.*q_proj"):
+        prune_model(tiny_model("llama"), None, PruneConfig(method="magnitude", targets=["c_attn"]), progress=False)
+
+
+def test_a_target_the_forward_never_reaches_fails_the_stage(tiny_model, calib_ids):
+    """A targeted linear that the calibration forward never calls is never pruned: the stage fails, naming
+    it, and the report of what was done travels with the error."""
+    from compress.errors import ShortfallError
+
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.unused = torch.nn.Linear(64, 64)
+    with pytest.raises(ShortfallError, match=r"pruned 14 of the 15 targeted modules.*0\.mlp\.unused") as e:
+        prune_model(model, None, PruneConfig(method="wanda"), calib_ids=calib_ids, progress=False)
+    assert e.value.report is not None and e.value.report.check["ok"] is False
 
 
 def _masks(model):
@@ -171,19 +232,19 @@ def test_sequential_mode_prunes_in_one_pass(tiny_model, calib_ids, family):
 def test_statistics_pass_stops_after_last_linear(tiny_model, calib_ids, family, method):
     """The two-pass mode's statistics pass stops each batch (after the first) once every target linear
     has been fed: the statistics equal those of full forwards, and the block's tail runs only once."""
-    from compress.pruning.engine import _Collector
-    from compress.pruning.methods import get_method
+    from compress.calibration.stats import StatsCollector
 
     model = tiny_model(family, seed=4)
     cfg = PruneConfig(method=method, sparsity=0.5)
-    inputs = capture_block_inputs(model, calib_ids, batch_size=2)
+    inputs = capture_block_inputs(model, calib_ids, batch_size=2).block(1)
     _, blocks = find_blocks(model)
     block = blocks[1]
     linears = target_linears(block, cfg)
-    full = _Collector(linears, get_method(method, cfg), "cpu")
+    hess, sq = method == "sparsegpt", method == "wanda"
+    full = StatsCollector(linears, hess, sq, "cpu")
     full.forward_all(block, inputs)
     full.remove()
-    early = _Collector(linears, get_method(method, cfg), "cpu")
+    early = StatsCollector(linears, hess, sq, "cpu")
     last = list(linears.values())[-1]
     out_calls = []
     h = last.register_forward_hook(lambda *a: out_calls.append(1))  # runs only when the linear itself runs
@@ -202,8 +263,7 @@ def test_statistics_pass_stops_after_last_linear(tiny_model, calib_ids, family, 
 def test_statistics_pass_runs_blocks_with_a_repeated_linear_in_full():
     """A block that calls a target linear twice per forward is never cut short."""
     from compress.calibration import BlockInputs
-    from compress.pruning.engine import _Collector
-    from compress.pruning.methods import get_method
+    from compress.calibration.stats import StatsCollector
 
     class Twice(torch.nn.Module):
         def __init__(self):
@@ -216,7 +276,7 @@ def test_statistics_pass_runs_blocks_with_a_repeated_linear_in_full():
     cfg = PruneConfig(method="wanda", sparsity=0.5)
     block = Twice()
     inputs = BlockInputs([torch.randn(1, 4, 8) for _ in range(3)], [()] * 3, [{}] * 3)
-    col = _Collector(target_linears(block, cfg), get_method("wanda", cfg), "cpu")
+    col = StatsCollector(target_linears(block, cfg), False, True, "cpu")
     col.collect_all(block, inputs)
     col.remove()
     assert col.stats["a"].tokens == 2 * 3 * 4 and col.stats["b"].tokens == 3 * 4
@@ -349,14 +409,61 @@ def test_dense_stats_config_is_validated():
             PruneConfig(**bad)
 
 
-def test_single_pass_inflight_estimate_is_recorded(tiny_model, calib_ids):
-    from compress.pruning.engine import single_pass_inflight_mb
+def test_auto_mode_switches_at_the_memory_budget(tiny_model, calib_ids, monkeypatch):
+    """prune.sequential=auto takes the single pass when its estimate fits memory_budget x free memory, the
+    two-pass mode otherwise; the decision, both estimates and the budget are recorded."""
+    from compress.calibration import memory
 
-    model = tiny_model("llama")
-    r = prune_model(model, None, PruneConfig(method="wanda", sparsity=0.5), calib_ids=calib_ids, progress=False)
-    expected = calib_ids.numel() * (2 * 64 + 128) * 4 / 2**20
-    assert r.calibration["single_pass_inflight_estimate_mb"] == pytest.approx(expected)
-    assert single_pass_inflight_mb(model, 2 * calib_ids.numel()) == pytest.approx(2 * expected)
-    r2 = prune_model(tiny_model("llama"), None, PruneConfig(method="wanda", sparsity=0.5, sequential=False),
-                     calib_ids=calib_ids, progress=False)
-    assert "single_pass_inflight_estimate_mb" not in r2.calibration
+    cfg = dict(method="sparsegpt", sparsity=0.5, blocksize=32)
+    big = prune_model(tiny_model("llama"), None, PruneConfig(**cfg), calib_ids=calib_ids, progress=False)
+    mode = big.mode
+    assert mode["requested"] == "auto" and mode["chosen"] == "single_pass"
+    est = mode["estimate"]
+    assert est["single_pass_mb"] > est["two_pass_mb"] > 0 and est["tokens"] == calib_ids.numel()
+    assert mode["budget_mb"] == pytest.approx(0.5 * mode["free_mb"], rel=1e-3)
+    # free memory just below what the single pass needs at budget 1.0: two passes
+    free = est["single_pass_mb"] * 2**20 * 0.99
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
+    monkeypatch.setattr("compress.pruning.engine.free_memory_bytes", lambda device: free)
+    small = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, memory_budget=1.0), calib_ids=calib_ids,
+                        progress=False)
+    assert small.mode["chosen"] == "two_pass" and "exceed" in small.mode["reason"]
+    # and just above it: the single pass
+    free = est["single_pass_mb"] * 2**20 * 1.01
+    fits = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, memory_budget=1.0), calib_ids=calib_ids,
+                       progress=False)
+    assert fits.mode["chosen"] == "single_pass"
+    # the two-pass result is the reference mode's (same masks as an explicit sequential=false)
+    ref = tiny_model("llama")
+    prune_model(ref, None, PruneConfig(**cfg, sequential=False), calib_ids=calib_ids, progress=False)
+    # explicit overrides win over the budget, options that need the single pass force it
+    forced = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, sequential=True, memory_budget=1.0),
+                         calib_ids=calib_ids, progress=False)
+    assert forced.mode["chosen"] == "single_pass" and forced.mode["reason"] == "prune.sequential=true"
+    needs = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, dense_stats=True, memory_budget=1.0),
+                        calib_ids=calib_ids, progress=False)
+    assert needs.mode["chosen"] == "single_pass" and "dense_stats" in needs.mode["reason"]
+
+
+def test_auto_two_pass_equals_explicit_two_pass(tiny_model, calib_ids, monkeypatch):
+    monkeypatch.setattr("compress.pruning.engine.free_memory_bytes", lambda device: 1.0)
+    a, b = tiny_model("qwen2", seed=7), tiny_model("qwen2", seed=7)
+    r = prune_model(a, None, PruneConfig(method="wanda", sparsity=0.5), calib_ids=calib_ids, progress=False)
+    assert r.mode["chosen"] == "two_pass"
+    prune_model(b, None, PruneConfig(method="wanda", sparsity=0.5, sequential=False), calib_ids=calib_ids,
+                progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("value,expected", [(True, "true"), (False, "false"), ("auto", "auto"), ("True", "true")])
+def test_sequential_values(value, expected):
+    assert PruneConfig(sequential=value).sequential == expected
+
+
+def test_sequential_and_budget_validated():
+    from compress.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prune.sequential"):
+        PruneConfig(sequential="sometimes")
+    with pytest.raises(ConfigError, match="prune.memory_budget"):
+        PruneConfig(memory_budget=1.5)

@@ -1,23 +1,30 @@
-"""The prune stage: targets, sparsity schedule, the per-block loop and the report.
+"""The prune stage: targets, sparsity schedule, the per-block loop, the mode decision and the report.
 
-Two block-processing modes share the sequential calibration pipeline:
+Two block-processing modes share the sequential calibration pipeline (``compress.calibration``):
 
-* ``sequential=False`` (the reference behaviour): one forward of the block over all calibration
-  batches collects the statistics of every target linear on the block's (dense) internal inputs
-  (each batch after the first stops once it has fed every target linear), then all linears are
+* two passes (``prune.sequential=false``, the reference behaviour): one forward of the block over all
+  calibration batches collects the statistics of every target linear on the block's (dense) internal
+  inputs (each batch after the first stops once it has fed every target linear), then all linears are
   pruned, then a second forward produces the outputs for the next block.
-* ``sequential=True``: one forward only. Each calibration batch runs in its own greenlet; every
-  target linear's pre-hook records the batch's input and pauses. When all batches wait at the same
-  linear its statistics are complete, it is pruned, and the batches resume *through the pruned
-  linear*. So each linear sees the already-pruned inputs of the linears before it (better), and the
-  block's outputs come out of the same pass (faster), while batches keep their small, cache-friendly
-  size.
+* single pass (``prune.sequential=true``): one forward only. Each calibration batch runs in its own
+  greenlet; every target linear's pre-hook records the batch's input and pauses. When all batches wait
+  at the same linear its statistics are complete, it is pruned, and the batches resume *through the
+  pruned linear*. So each linear sees the already-pruned inputs of the linears before it (better), and
+  the block's outputs come out of the same pass (about half the reference loop's time), but every
+  calibration sample waits inside the block.
+* ``prune.sequential=auto`` (the default) estimates both modes' peak memory on the first block
+  (``compress.calibration.memory``) and takes the single pass when it fits ``prune.memory_budget`` x the
+  free memory of the device that holds the activations, else two passes. The choice, the estimates and
+  the budget go into the report.
+
+The stage never succeeds silently: a model whose selected modules cannot be pruned, or a target set
+that selects nothing, is refused before any work; a run that pruned fewer modules, or less, than it
+targeted fails after it with :class:`~compress.errors.ShortfallError`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -25,51 +32,72 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from compress.calibration import BlockInputs, BlockResult, block_outputs, find_blocks, run_sequential
+from compress.calibration import (BlockInputs, BlockResult, Targets, block_outputs, find_blocks, resolve_targets,
+                                  run_sequential, weight_matrix)
+from compress.calibration.memory import MiB, estimate_peaks, free_memory_bytes, probe_linears
+from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
 from compress.config import CalibConfig, PruneConfig, parse_pattern
+from compress.errors import ShortfallError
 from compress.pruning.masks import check_nm
-from compress.pruning.methods import InputStats, PruningMethod, get_method
+from compress.pruning.methods import PruningMethod, get_method
 from compress.pruning.schedule import layer_sparsities
-from compress.record import _rss_peak_mb, proc_kb
+from compress.record import _rss_peak_mb
 
 log = logging.getLogger(__name__)
 
 
-def target_linears(block: nn.Module, cfg: PruneConfig) -> Dict[str, nn.Linear]:
-    """Linear modules of a block whose names match ``targets`` and none of ``ignore``."""
-    out = {}
-    for name, mod in block.named_modules():
-        if not isinstance(mod, nn.Linear) or not name:
-            continue
-        if not any(re.search(rx, name) for rx in cfg.targets):
-            continue
-        if any(re.search(rx, name) for rx in cfg.ignore):
-            continue
-        out[name] = mod
-    return out
+def prune_targets(model: nn.Module, cfg: PruneConfig) -> Targets:
+    """The modules ``cfg`` selects (``prune.targets`` / ``prune.ignore``), through the one resolver."""
+    return resolve_targets(model, cfg.targets, cfg.ignore)
 
 
-def single_pass_inflight_mb(model: nn.Module, ntokens: int) -> Optional[float]:
-    """About what the single pass (``sequential=true``) holds beyond the reference mode: every calibration
-    sample waits inside the block at each pruning point, so at the MLP's down projection each token
-    keeps its residual stream, its normalised input and the MLP intermediate
-    (``2 * hidden + intermediate`` values). Measured on SmolLM2-135M, 32 x 512 tokens: ~200 MiB of
-    heap against this estimate's 172. None when the config names no hidden size."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = getattr(cfg, "hidden_size", None)
-    if not hidden:
-        return None
-    inter = next((getattr(cfg, k) for k in ("intermediate_size", "ffn_dim", "n_inner") if getattr(cfg, k, None)),
-                 4 * hidden)
-    nbytes = next(model.parameters()).element_size()
-    return ntokens * (2 * hidden + inter) * nbytes / 2**20
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def _free_memory_mb(device: torch.device) -> Optional[float]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**20
-    kb = proc_kb("/proc/meminfo", "MemAvailable")
-    return kb / 1024 if kb is not None else None
+def choose_mode(cfg: PruneConfig, method: PruningMethod, block: nn.Module, inputs: BlockInputs,
+                linears: Dict[str, nn.Module], model: nn.Module, device, dense_stream: bool) -> Dict:
+    """Decide single pass or two passes (see the module docstring) and say why."""
+    hidden = inputs.hidden[0].shape[-1]
+    shapes = probe_linears(block, inputs, linears)
+    est = estimate_peaks(shapes, hidden, inputs.ntokens(), inputs.hidden[0].shape[0] * inputs.hidden[0].shape[1],
+                         inputs.hidden[0].element_size(), method.needs_hessian, method.work_floats,
+                         dense_stream=dense_stream,
+                         intermediate=getattr(_text_config(model), "intermediate_size", None))
+    free = free_memory_bytes(device)
+    budget = free * float(cfg.memory_budget) if free is not None else None
+    info = {"requested": cfg.sequential, "estimate": est.to_dict(), "device": str(device),
+            "free_mb": round(free / MiB, 1) if free is not None else None,
+            "memory_budget": float(cfg.memory_budget), "budget_mb": round(budget / MiB, 1) if budget else None}
+    forced = cfg.needs_single_pass()
+    if cfg.sequential == "true":
+        chosen, why = "single_pass", "prune.sequential=true"
+    elif cfg.sequential == "false":
+        chosen, why = "two_pass", "prune.sequential=false"
+    elif forced:
+        chosen, why = "single_pass", f"{forced} needs the single pass"
+    elif cfg.propagate == "dense":
+        chosen, why = "two_pass", "prune.propagate=dense needs two passes"
+    elif budget is None:
+        chosen, why = "single_pass", "free memory unknown"
+    elif est.single_pass_bytes <= budget:
+        chosen, why = "single_pass", "the single pass fits the budget"
+    else:
+        chosen, why = "two_pass", "the single pass would exceed the budget"
+    info.update(chosen=chosen, reason=why)
+    if chosen == "single_pass" and budget is not None and est.single_pass_bytes > budget:
+        log.warning("prune: the single pass needs about %.0f MiB on %s beyond the model, over the budget of %.0f MiB "
+                    "(%.2f of %.0f MiB free); prune.sequential=false needs about %.0f MiB.", est.single_pass_bytes / MiB,
+                    device, budget / MiB, cfg.memory_budget, free / MiB, est.two_pass_bytes / MiB)
+    return info
+
+
+def mode_line(info: Dict) -> str:
+    e = info["estimate"]
+    budget = f"{info['budget_mb']:.0f} MiB ({info['memory_budget']:g} of {info['free_mb']:.0f} MiB free on {info['device']})" \
+        if info.get("budget_mb") else "unknown"
+    return (f"prune mode: {info['chosen']} ({info['reason']}); estimated peak beyond the model: single pass "
+            f"{e['single_pass_mb']:.0f} MiB, two passes {e['two_pass_mb']:.0f} MiB; budget {budget}")
 
 
 @dataclass
@@ -84,6 +112,43 @@ class PruneReport:
     seconds: float = 0.0
     calib_seconds: float = 0.0
     blocks_reconstruction: List[Dict] = field(default_factory=list)
+    mode: Dict = field(default_factory=dict)  # the block mode: chosen, why, memory estimates and budget
+    targets: Dict = field(default_factory=dict)  # what the resolver selected
+    check: Dict = field(default_factory=dict)  # verify(): every target pruned to its target
+
+    def verify(self, expected: List[str], describe: str, global_scope: bool = False) -> Dict:
+        """Every one of the ``expected`` targeted modules (``"<block>.<name>"``) pruned, each to its target
+        (N:M exact), and the whole near the target. Records the check; raises :class:`ShortfallError`
+        if it fails."""
+        nm = parse_pattern(self.pattern)
+        short = []
+        for m in self.modules:
+            if nm is not None:
+                ok = m.get("nm_ok", False) and m["zeros"] >= m["rows"] * (m["cols"] // nm[1]) * (nm[1] - nm[0])
+            elif global_scope:
+                ok = True
+            else:  # rounding: a mask removes round(cols * s) per row at worst
+                ok = m["achieved"] >= m["target"] - 1.0 / m["cols"] - 1e-9
+            if not ok:
+                short.append(f"{m['name']} {m['achieved']:.4f} < {m['target']:.4f}")
+        total = sum(m["numel"] for m in self.modules)
+        wanted = sum(m["target"] * m["numel"] for m in self.modules) / total if total else 0.0
+        self.check = {"targeted_modules": len(expected), "pruned_modules": len(self.modules),
+                      "short_modules": len(short), "target": wanted, "achieved": self.achieved(), "ok": False}
+        problems = []
+        done = {m["name"] for m in self.modules}
+        missing = [n for n in expected if n not in done]
+        if missing or len(done) != len(expected):
+            problems.append(f"pruned {len(done)} of the {len(expected)} targeted modules"
+                            + (f" (never reached by the calibration forward: {missing[:6]})" if missing else ""))
+        if short:
+            problems.append(f"{len(short)} modules below their target: " + "; ".join(short[:5]))
+        if total and nm is None and self.achieved() < wanted - 0.02:  # N:M is checked exactly per module above
+            problems.append(f"achieved sparsity {self.achieved():.4f} against a target of {wanted:.4f}")
+        self.check["ok"] = not problems
+        if problems:
+            raise ShortfallError(f"prune: {describe}: " + "; ".join(problems), report=self)
+        return self.check
 
     def achieved(self) -> float:
         total = sum(m["numel"] for m in self.modules)
@@ -100,13 +165,16 @@ class PruneReport:
         return out
 
     def to_dict(self) -> Dict:
-        return {"summary": self.summary(), "layer_sparsities": self.layer_sparsities, "blocks": self.blocks,
-                "reconstruction": self.blocks_reconstruction,
-                "modules": self.modules, "calibration": self.calibration}
+        return {"summary": self.summary(), "mode": self.mode, "targets": self.targets, "check": self.check,
+                "layer_sparsities": self.layer_sparsities, "blocks": self.blocks,
+                "reconstruction": self.blocks_reconstruction, "modules": self.modules, "calibration": self.calibration}
 
     def table(self, max_rows: int = 12) -> str:
         lines = [f"prune: {self.method} {self.pattern} target={self.target_sparsity:.3f} "
-                 f"achieved={self.achieved():.4f} in {self.seconds:.1f}s",
+                 f"achieved={self.achieved():.4f} in {self.seconds:.1f}s, {len(self.modules)} modules"]
+        if self.mode:
+            lines.append("  " + mode_line(self.mode))
+        lines += [
                  f"  {'block':>5} {'sparsity':>9} {'mean rel err':>13} {'seconds':>8} {'peak MiB':>9}"]
         step = max(1, len(self.blocks) // max_rows)
         for b in self.blocks[::step]:
@@ -114,147 +182,6 @@ class PruneReport:
             lines.append(f"  {b['block']:>5} {b['achieved_sparsity']:>9.4f} {err:>13} {b['seconds']:>8.2f} "
                          f"{b['peak_memory_mb']:>9.0f}")
         return "\n".join(lines)
-
-
-class _StatisticsComplete(Exception):
-    """Raised by a statistics hook once the current batch has fed every target linear."""
-
-
-class _Collector:
-    """Pre-hooks on the target linears of one block that feed :class:`InputStats`.
-
-    Linears receiving the same tensor object within one batch share one ``InputStats``.
-    """
-
-    def __init__(self, linears: Dict[str, nn.Linear], method: PruningMethod, device):
-        self.linears = linears
-        self.method = method
-        self.device = device
-        self.stats: Dict[str, InputStats] = {}
-        self.current = 0  # batch key, set by the runner
-        self._seen: Dict[object, Dict[int, tuple]] = {}
-        self.order: List[str] = []  # forward order of first calls
-        self.on_input = None  # sequential mode: called after the input was recorded
-        self.dense_inputs: Optional[Dict[str, List[torch.Tensor]]] = None  # error correction: X_dense per batch
-        self.record = False  # record mode: store inputs per batch instead of accumulating statistics
-        self.recorded: Dict[str, List[torch.Tensor]] = {}
-        self.stop_when_complete = False  # collect_all: stop a batch once it has fed every target linear
-        self._calls: Dict[object, Dict[str, int]] = {}  # per batch: hook calls per linear
-        self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
-
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0]
-            seen = self._seen.setdefault(self.current, {})
-            hit = seen.get(id(x))
-            shared = hit is not None and hit[0] is x
-            if self.record:  # dense pass for error correction: keep each distinct input once
-                if shared:
-                    self.recorded[name] = self.recorded[hit[1]]
-                else:
-                    seen[id(x)] = (x, name)
-                    self.recorded.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).clone())
-                return None
-            if name not in self.stats:
-                if shared:
-                    self.stats[name] = self.stats[hit[1]]
-                else:
-                    self.stats[name] = InputStats(x.shape[-1], self.method.needs_hessian, self.method.needs_sqnorm,
-                                                  device=self.device)
-                self.order.append(name)
-            if not shared:
-                seen[id(x)] = (x, name)
-                xd = self.dense_inputs[name][self.current] if self.dense_inputs is not None else None
-                self.stats[name].add(x, xd)
-            if self.on_input is not None:
-                self.on_input(name)
-            calls = self._calls.setdefault(self.current, {})
-            calls[name] = calls.get(name, 0) + 1
-            if self.stop_when_complete and len(calls) == len(self.linears):
-                raise _StatisticsComplete
-            return None
-        return hook
-
-    def end_batch(self, key):
-        self._seen.pop(key, None)
-        self._calls.pop(key, None)
-
-    def forward_all(self, block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
-        """Run every batch through ``block`` with the hooks live (statistics or recording)."""
-        outs = []
-        for b in range(len(inputs)):
-            self.current = b
-            outs.append(inputs.call(block, b))
-            self.end_batch(b)
-        return outs
-
-    def collect_all(self, block: nn.Module, inputs: BlockInputs) -> None:
-        """Statistics only, outputs not wanted: after the first batch has shown that every target linear
-        is called exactly once per forward, each later batch stops as soon as it has fed all of them
-        (the rest of the block, e.g. the down projection and what follows it, is skipped). Blocks that
-        call a target linear more or less than once (shared or routed modules) run in full."""
-        self.current = 0
-        inputs.call(block, 0)
-        calls = self._calls.get(0, {})
-        self.end_batch(0)
-        self.stop_when_complete = len(calls) == len(self.linears) and all(c == 1 for c in calls.values())
-        try:
-            for b in range(1, len(inputs)):
-                self.current = b
-                try:
-                    inputs.call(block, b)
-                except _StatisticsComplete:
-                    pass
-                self.end_batch(b)
-        finally:
-            self.stop_when_complete = False
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self._seen.clear()
-
-
-def _run_greenlets(block: nn.Module, inputs: BlockInputs, collector: _Collector, prune_fn) -> List[torch.Tensor]:
-    """One forward of all batches in lock-step; prune each linear once every batch has fed it."""
-    import greenlet
-
-    main = greenlet.getcurrent()
-    outs: List[Optional[torch.Tensor]] = [None] * len(inputs)
-    waiting: Dict[int, str] = {}
-
-    def pause(name):
-        main.switch(name)
-
-    collector.on_input = pause
-
-    def body(b):
-        def run():
-            with torch.no_grad():
-                outs[b] = inputs.call(block, b)
-            return None
-        return run
-
-    lets = [greenlet.greenlet(body(b)) for b in range(len(inputs))]
-    pending = set(range(len(inputs)))
-    while pending:
-        waiting.clear()
-        for b in sorted(pending):
-            collector.current = b
-            name = lets[b].switch()
-            if lets[b].dead:
-                collector.end_batch(b)
-                pending.discard(b)
-            else:
-                waiting[b] = name
-        if not waiting:
-            break
-        names = set(waiting.values())
-        if len(names) != 1:
-            raise RuntimeError(f"sequential pruning: batches diverged at {sorted(names)}; use prune.sequential=false")
-        prune_fn(names.pop())
-    collector.on_input = None
-    return outs  # type: ignore[return-value]
 
 
 def _rel_err(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -306,7 +233,7 @@ def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: B
     return before, after, new
 
 
-def _block_sparsity(linears: Dict[str, nn.Linear]) -> float:
+def _block_sparsity(linears: Dict[str, nn.Module]) -> float:
     z = sum(int((m.weight == 0).sum()) for m in linears.values())
     n = sum(m.weight.numel() for m in linears.values())
     return z / n if n else 0.0
@@ -314,17 +241,26 @@ def _block_sparsity(linears: Dict[str, nn.Linear]) -> float:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[CalibConfig] = None, device=None,
-                calib_ids: Optional[torch.Tensor] = None, progress: bool = True) -> PruneReport:
-    """Prune ``model`` in place according to ``cfg`` and return the report."""
+                calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True) -> PruneReport:
+    """Prune ``model`` in place according to ``cfg`` and return the report.
+
+    Refuses (:class:`~compress.errors.UnsupportedModelError`) before any work when the selected modules
+    include some it cannot prune or when nothing is selected; with ``verify`` raises
+    :class:`~compress.errors.ShortfallError` (carrying the report) when fewer modules, or less, than
+    targeted were pruned.
+    """
     t_start = time.perf_counter()
     calib = calib or CalibConfig()
     nm = parse_pattern(cfg.pattern)
     method = get_method(cfg.method, cfg)
-    _, blocks = find_blocks(model)
-    nblocks = len(blocks)
+    targets = prune_targets(model, cfg).require("prune")
+    nblocks = len(targets.per_block)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     target = 1 - nm[0] / nm[1] if nm else float(cfg.sparsity)
     report = PruneReport(cfg.method, cfg.pattern, target)
+    report.targets = {"model_class": targets.model_class, "blocks": targets.blocks_name, "targets": list(targets.patterns),
+                      "ignore": list(targets.ignore), "modules": len(targets),
+                      "per_block": [list(b) for b in targets.per_block[:1]]}
 
     needs_calib = method.needs_calibration or cfg.schedule == "owl"
     if needs_calib and calib_ids is None:
@@ -335,35 +271,30 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
     elif calib_ids is not None:
         report.calibration = {"nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "given": True}
 
-    if cfg.sequential and method.needs_calibration:
-        est = single_pass_inflight_mb(model, int(calib_ids.numel()))
-        report.calibration["single_pass_inflight_estimate_mb"] = est
-        free = _free_memory_mb(device)
-        if est is not None and free is not None and est > 0.5 * free:
-            log.warning("prune.sequential=true keeps every calibration sample inside the block: about %.0f MiB "
-                        "on %s, where %.0f MiB are free. prune.sequential=false (two passes) needs only one "
-                        "sample's activations.", est, device, free)
-
     sparsities = layer_sparsities(cfg, nblocks, model=model, calib_ids=calib_ids, batch_size=calib.batch_size,
                                   device=device, offload=cfg.offload, progress=progress)
     report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
 
-    def prune_linear(bidx: int, name: str, mod: nn.Linear, stats: Optional[InputStats], sparsity: float,
+    def prune_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats], sparsity: float,
                      thresh: Optional[float] = None):
         t0 = time.perf_counter()
-        w_dense = mod.weight.data
+        w = weight_matrix(mod)  # [out, in], a view of the stored weight (Conv1D stores it transposed)
+        w_dense = w.detach()
         if thresh is not None:  # global magnitude
             new = w_dense.float() * (w_dense.float().abs() > thresh)
         else:
             new = method.prune_weight(w_dense, stats, sparsity, nm)
         err = stats.relative_error(w_dense, new) if stats is not None else None
-        mod.weight.data.copy_(new.to(w_dense.dtype))
-        zeros = int((mod.weight == 0).sum())
-        entry = {"block": bidx, "name": f"{bidx}.{name}", "target": 1 - nm[0] / nm[1] if nm else sparsity,
-                 "achieved": zeros / mod.weight.numel(), "zeros": zeros, "numel": mod.weight.numel(),
-                 "rel_error": err, "seconds": round(time.perf_counter() - t0, 4)}
+        info = method.info(stats) if stats is not None else {}
+        w.data.copy_(new.to(w_dense.dtype))
+        del new
+        zeros = int((w == 0).sum())
+        entry = {"block": bidx, "name": f"{bidx}.{name}", "type": type(mod).__name__, "rows": w.shape[0],
+                 "cols": w.shape[1], "target": 1 - nm[0] / nm[1] if nm else sparsity,
+                 "achieved": zeros / w.numel(), "zeros": zeros, "numel": w.numel(), "rel_error": err,
+                 "seconds": round(time.perf_counter() - t0, 4), **info}
         if nm:
-            entry["nm_ok"] = check_nm(mod.weight, *nm)
+            entry["nm_ok"] = check_nm(w, *nm)
         report.modules.append(entry)
 
     def block_entry(bidx, linears, t0):
@@ -374,30 +305,45 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                               "mean_rel_error": sum(errs) / len(errs) if errs else None,
                               "seconds": round(time.perf_counter() - t0, 3), "peak_memory_mb": _rss_peak_mb()})
 
+    def finish():
+        report.seconds = time.perf_counter() - t_start
+        if verify:
+            report.verify(list(targets.flat()), targets.describe(), global_scope=cfg.scope == "global")
+        return report
+
     if not method.needs_calibration:
         thresh = None
         if cfg.scope == "global":
-            allw = torch.cat([m.weight.detach().abs().flatten().float().cpu()
-                              for b in blocks for m in target_linears(b, cfg).values()])
+            allw = torch.cat([m.weight.detach().abs().flatten().float().cpu() for _, _, m in targets.items()])
             k = int(allw.numel() * target)
             thresh = float(torch.kthvalue(allw, k).values) if k else -1.0
             del allw
-        for bidx, block in enumerate(blocks):
+        for bidx, linears in enumerate(targets.per_block):
             t0 = time.perf_counter()
-            linears = target_linears(block, cfg)
             for name, mod in linears.items():
                 prune_linear(bidx, name, mod, None, sparsities[bidx], thresh)
             block_entry(bidx, linears, t0)
-        report.seconds = time.perf_counter() - t_start
-        return report
+        return finish()
+
+    dense_stream = cfg.error_correction or cfg.reconstruct_epochs > 0 or cfg.dense_stats
 
     def process_block(bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
         t0 = time.perf_counter()
-        linears = target_linears(block, cfg)
+        linears = targets.per_block[bidx]
+        if not report.mode:  # decided once, on the first block
+            report.mode = choose_mode(cfg, method, block, inputs, linears, model, device, dense_stream)
+            if progress:
+                print(mode_line(report.mode))
+        single = report.mode["chosen"] == "single_pass"
         dense_outs = None
         if dense is not None and not (cfg.error_correction or cfg.dense_stats):
             dense_outs = block_outputs(block, dense)  # regression targets only, before any hook exists
-        collector = _Collector(linears, method, device)
+        collector = StatsCollector(linears, method.needs_hessian, method.needs_sqnorm, device)
+
+        def prune_now(name):
+            prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
+            collector.release(name)  # its Hessian is freed after its last user
+
         try:
             if dense is not None and dense_outs is None:  # the dense block's outputs, before pruning, with
                 # either its linears' inputs recorded (error correction) or statistics accumulated on them
@@ -408,10 +354,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                 if cfg.error_correction:
                     collector.record = False
                     collector.dense_inputs = collector.recorded
-            if cfg.sequential:
-                def prune_now(name):
-                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
-                outs = _run_greenlets(block, inputs, collector, prune_now)
+            if single:
+                outs = run_single_pass(block, inputs, collector, prune_now)
                 if cfg.reconstruct_epochs:
                     collector.remove()
                     collector.stats.clear()
@@ -426,19 +370,16 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                     result = BlockResult(dense_outputs=collector.forward_all(block, inputs))
                 else:
                     collector.collect_all(block, inputs)  # stops each batch after the last linear
-                for name in collector.order:
-                    prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
+                for name in list(collector.order):
+                    prune_now(name)
         finally:
             collector.remove()
         block_entry(bidx, linears, t0)
         return result
 
-    propagate = cfg.propagate
     t_cal = time.perf_counter()
     run_sequential(model, calib_ids, process_block, batch_size=calib.batch_size, device=device,
-                   offload=cfg.offload, propagate=propagate,
-                   dense_stream=cfg.error_correction or cfg.reconstruct_epochs > 0 or cfg.dense_stats, progress=progress,
+                   offload=cfg.offload, propagate=cfg.propagate, dense_stream=dense_stream, progress=progress,
                    desc=f"prune {cfg.method}")
     report.calib_seconds = time.perf_counter() - t_cal
-    report.seconds = time.perf_counter() - t_start
-    return report
+    return finish()

@@ -1,9 +1,10 @@
 """Pruning methods: small registered classes that declare the statistics they need and compress.
 
-A method sees, for each target linear, a :class:`InputStats` holding what was collected on its
-calibration inputs (token count, per-column squared norms, the float32 Hessian ``X^T X``, a token
-subsample for error reporting). Linears fed the very same input tensor (q/k/v, gate/up) share one
-``InputStats``, so the Hessian is accumulated once per distinct input.
+A method declares the statistics it needs (``needs_calibration``, ``needs_hessian``,
+``needs_sqnorm``) and, for each target linear, gets an :class:`~compress.calibration.stats.InputStats`
+holding them (token count, per-column squared norms, the float32 Hessian ``X^T X``, a token subsample
+for error reporting) and returns the new ``[out, in]`` weight. It never walks blocks or registers
+hooks itself: the engine and the calibration layer do that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 
+from compress.calibration.linalg import damped_inverse_cholesky
+from compress.calibration.stats import InputStats
 from compress.pruning.masks import make_mask, nm_mask, unstructured_mask
 
 REGISTRY: Dict[str, Type["PruningMethod"]] = {}
@@ -22,93 +25,29 @@ def register(cls):
     return cls
 
 
-class InputStats:
-    """Statistics of one linear input over the calibration tokens (all float32)."""
-
-    PANEL = 192
-    SAMPLE_STRIDE = 64  # without H, the error is estimated on every 64th token (at most sample_tokens)
-
-    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 256, device=None):
-        self.tokens = 0
-        # upper triangle only during accumulation (half the FLOPs of X^T X); see :attr:`H`
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-        self.sqnorm = torch.zeros(in_features, dtype=torch.float32, device=device) if sqnorm else None
-        self.G: Optional[torch.Tensor] = None  # X_dense^T X (error correction), allocated on first use
-        self.sample_tokens = sample_tokens
-        self.samples = []
-        self._sampled = 0
-        self._cache: Dict[tuple, torch.Tensor] = {}  # full H and damped inverse factors; cleared by add()
-
-    @property
-    def H(self) -> Optional[torch.Tensor]:
-        """The full symmetric ``X^T X`` (float32)."""
-        if self._H is None:
-            return None
-        if ("H",) not in self._cache:
-            self._cache[("H",)] = torch.triu(self._H) + torch.triu(self._H, 1).t()
-        return self._cache[("H",)]
-
-    def hinv_factor(self, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
-        """Upper Cholesky factor of the damped ``H^-1`` (dead inputs set to 1 on the diagonal), computed
-        once per distinct input: q/k/v and gate/up share it."""
-        key = ("hinv", percdamp, damp_mode)
-        if key not in self._cache:
-            self._cache[key] = _damped_inverse_cholesky(self.H, percdamp, damp_mode)
-        return self._cache[key]
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, x_dense: Optional[torch.Tensor] = None) -> None:
-        self._cache.clear()
-        x = x.reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
-        if x_dense is not None:
-            if self.G is None:
-                self.G = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.G.addmm_(x_dense.reshape(-1, x.shape[-1]).float().t(), x)
-        if self._H is not None:
-            xt = x.t()
-            for a in range(0, x.shape[1], self.PANEL):  # row panels of the upper triangle
-                self._H[a:a + self.PANEL, a:].addmm_(xt[a:a + self.PANEL], x[:, a:])
-        if self.sqnorm is not None:
-            self.sqnorm.add_(x.square().sum(0))
-        if self._H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
-            take = x[:: self.SAMPLE_STRIDE][: self.sample_tokens - self._sampled]
-            self.samples.append(take.clone())
-            self._sampled += take.shape[0]
-        self.tokens += n
-
-    def relative_error(self, w_dense: torch.Tensor, w_new: torch.Tensor) -> Optional[float]:
-        """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample)."""
-        w_dense = w_dense.float()
-        d = w_dense - w_new.float()
-        if self._H is not None:
-            H = self.H
-            num = torch.sum((d @ H) * d)
-            den = torch.sum((w_dense @ H) * w_dense)
-        elif self.samples:
-            xs = self.samples[0] if len(self.samples) == 1 else torch.cat(self.samples)
-            self.samples = [xs]
-            y = xs @ torch.cat([d, w_dense]).t()  # one GEMM for both
-            num = y[:, :d.shape[0]].square().sum()
-            den = y[:, d.shape[0]:].square().sum()
-        else:
-            return None
-        return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
-
-
 class PruningMethod:
     name = "base"
     needs_calibration = True
     needs_hessian = False
     needs_sqnorm = False
 
+    @staticmethod
+    def work_floats(out_features: int, in_features: int) -> float:
+        """float32 values allocated while one ``[out, in]`` linear is pruned (scores, mask, the new weight,
+        the error terms): the memory estimator's per-linear working set."""
+        return 4.0 * out_features * in_features
+
     def __init__(self, cfg):
         self.cfg = cfg
 
     def prune_weight(self, weight: torch.Tensor, stats: Optional[InputStats], sparsity: float,
                      nm: Optional[Tuple[int, int]]) -> torch.Tensor:
-        """Return the new float32 weight (zeros where pruned)."""
+        """Return the new float32 ``[out, in]`` weight (zeros where pruned)."""
         raise NotImplementedError
+
+    def info(self, stats: Optional[InputStats]) -> Dict:
+        """Per-module facts for the report (e.g. the damping a Hessian needed)."""
+        return {}
 
 
 @register
@@ -137,33 +76,6 @@ class Wanda(PruningMethod):
         return w * make_mask(scores, sparsity, nm, per_row=True)
 
 
-def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp)^-1, escalating the damping if H is not positive definite.
-    Dead inputs (zero diagonal) get 1 on the diagonal first; ``H`` itself is not modified.
-
-    The inverse goes through a triangular solve (``cholesky_inverse`` is several times slower on CPU).
-    """
-    H = H.float().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    diag = torch.diagonal(H)
-    if damp_mode == "mean":
-        damp = percdamp * diag.mean()
-    elif damp_mode == "median":  # robust to massive-activation channels
-        damp = percdamp * diag.median()
-    else:
-        raise ValueError(f"damp_mode={damp_mode!r}")
-    # U = J L^-1 J with L = chol(J H J) (J reverses the order) is the upper Cholesky factor of H^-1:
-    # one factorisation and one triangular solve instead of inverse + second factorisation.
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for attempt in range(6):
-        Hd = (H + eye * (damp * (10 ** attempt))).flip(0, 1)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-    raise RuntimeError("SparseGPT: Hessian is not positive definite even with 1e5x damping")
-
-
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[Tuple[int, int]] = None,
                     blocksize: int = 128, percdamp: float = 0.01, damp_mode: str = "mean",
@@ -182,7 +94,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
     dead = torch.diagonal(H) == 0
     Wt[dead] = 0
     # ``hinv``: the factor precomputed for this H (InputStats.hinv_factor)
-    Hinv = hinv if hinv is not None else _damped_inverse_cholesky(H, percdamp, damp_mode)
+    Hinv = hinv if hinv is not None else damped_inverse_cholesky(H, percdamp, damp_mode)[0]
     if nm is not None:  # column blocks start on group boundaries, so N:M groups never straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     for i1 in range(0, cols, blocksize):
@@ -226,6 +138,9 @@ class SparseGPT(PruningMethod):
             weight = corrected_target(weight, H, stats.G, self.cfg.percdamp, self.cfg.damp_mode)
         return sparsegpt_prune(weight, H, sparsity, nm, self.cfg.blocksize, self.cfg.percdamp, self.cfg.damp_mode,
                                hinv=stats.hinv_factor(self.cfg.percdamp, self.cfg.damp_mode))
+
+    def info(self, stats):
+        return {"damping": stats.damped_factor(self.cfg.percdamp, self.cfg.damp_mode)[1].to_dict()}
 
 
 @torch.no_grad()

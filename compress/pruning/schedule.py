@@ -28,20 +28,21 @@ def owl_from_ratios(ratios: List[float], sparsity: float, lam: float) -> List[fl
 @torch.no_grad()
 def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, device=None, offload: bool = False,
                        progress: bool = True) -> List[float]:
-    from compress.calibration import BlockResult, run_sequential
-    from compress.pruning.engine import _Collector, target_linears
-    from compress.pruning.methods import Wanda
+    from compress.calibration import BlockResult, run_sequential, weight_matrix
+    from compress.calibration.stats import StatsCollector
+    from compress.pruning.engine import prune_targets
 
     ratios: List[float] = []
+    targets = prune_targets(model, cfg).require("prune")
 
     def process(bidx, block, inputs, dense=None):
-        linears = target_linears(block, cfg)
-        collector = _Collector(linears, Wanda(cfg), device)
+        linears = targets.per_block[bidx]
+        collector = StatsCollector(linears, hessian=False, sqnorm=True, device=device)
         try:
             outs = collector.forward_all(block, inputs)
         finally:
             collector.remove()
-        scores = torch.cat([(m.weight.float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
+        scores = torch.cat([(weight_matrix(m).float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
                             for n, m in linears.items()])
         ratios.append(float((scores > cfg.owl_m * scores.mean()).float().mean()))
         return BlockResult(dense_outputs=outs)

@@ -1,0 +1,254 @@
+"""Statistics of a linear's inputs over the calibration tokens, and the collector that feeds them.
+
+:class:`InputStats` holds what a method asked for (a method declares ``needs_hessian`` /
+``needs_sqnorm``): the token count, per-input-column squared norms, the float32 Hessian ``X^T X`` and,
+without a Hessian, a token subsample for error reporting. :class:`StatsCollector` puts forward
+pre-hooks on the target linears of one block; linears fed the very same input tensor (q/k/v,
+gate/up) share one ``InputStats``, so the Hessian is accumulated (and later factorised) once per
+distinct input.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from compress.calibration.blocks import BlockInputs
+from compress.calibration.linalg import Damping, damped_inverse_cholesky
+
+
+class InputStats:
+    """Statistics of one linear input over the calibration tokens (all float32)."""
+
+    PANEL = 192
+    SAMPLE_STRIDE = 64  # without H, the error is estimated on every 64th token (at most sample_tokens)
+
+    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 256, device=None):
+        self.tokens = 0
+        # upper triangle only during accumulation (half the FLOPs of X^T X); made full in place on first
+        # use of :attr:`H`, after which no more tokens can be added
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._full = False
+        self.sqnorm = torch.zeros(in_features, dtype=torch.float32, device=device) if sqnorm else None
+        self.G: Optional[torch.Tensor] = None  # X_dense^T X (error correction), allocated on first use
+        self.sample_tokens = sample_tokens
+        self.samples = []
+        self._sampled = 0
+        self._factors: Dict[tuple, tuple] = {}  # damped inverse factors, shared by q/k/v and gate/up
+
+    @property
+    def H(self) -> Optional[torch.Tensor]:
+        """The full symmetric ``X^T X`` (float32)."""
+        if self._H is None:
+            return None
+        if not self._full:  # mirror the upper triangle in place (one n x n temporary)
+            self._H.triu_()
+            self._H.add_(self._H.triu(1).t())
+            self._full = True
+        return self._H
+
+    def hinv_factor(self, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
+        """Upper Cholesky factor of the damped ``H^-1``, computed once per distinct input."""
+        return self.damped_factor(percdamp, damp_mode)[0]
+
+    def damped_factor(self, percdamp: float, damp_mode: str = "mean") -> tuple:
+        """``(U, Damping)`` from :func:`damped_inverse_cholesky`, cached per damping setting."""
+        key = (percdamp, damp_mode)
+        if key not in self._factors:
+            self._factors[key] = damped_inverse_cholesky(self.H, percdamp, damp_mode)
+        return self._factors[key]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, x_dense: Optional[torch.Tensor] = None) -> None:
+        if self._full or self._factors:
+            raise RuntimeError("InputStats.add after the Hessian was used: statistics are complete")
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if x_dense is not None:
+            if self.G is None:
+                self.G = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.G.addmm_(x_dense.reshape(-1, x.shape[-1]).float().t(), x)
+        if self._H is not None:
+            xt = x.t()
+            for a in range(0, x.shape[1], self.PANEL):  # row panels of the upper triangle
+                self._H[a:a + self.PANEL, a:].addmm_(xt[a:a + self.PANEL], x[:, a:])
+        if self.sqnorm is not None:
+            self.sqnorm.add_(x.square().sum(0))
+        if self._H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
+            take = x[:: self.SAMPLE_STRIDE][: self.sample_tokens - self._sampled]
+            self.samples.append(take.clone())
+            self._sampled += take.shape[0]
+        self.tokens += n
+
+    def relative_error(self, w_dense: torch.Tensor, w_new: torch.Tensor) -> Optional[float]:
+        """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample)."""
+        w_dense = w_dense.float()
+        d = w_dense - w_new.float()
+        if self._H is not None:
+            H = self.H
+            num = torch.sum((d @ H) * d)
+            den = torch.sum((w_dense @ H) * w_dense)
+        elif self.samples:
+            xs = self.samples[0] if len(self.samples) == 1 else torch.cat(self.samples)
+            self.samples = [xs]
+            y = xs @ torch.cat([d, w_dense]).t()  # one GEMM for both
+            num = y[:, :d.shape[0]].square().sum()
+            den = y[:, d.shape[0]:].square().sum()
+        else:
+            return None
+        return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
+
+
+class StatisticsComplete(Exception):
+    """Raised by a statistics hook once the current batch has fed every target linear."""
+
+
+class StatsCollector:
+    """Pre-hooks on the target linears of one block that feed :class:`InputStats`.
+
+    ``hessian`` / ``sqnorm``: what the method declared it needs. ``on_input(name)`` is called after each
+    input is recorded (the single pass pauses there). With ``record=True`` the hooks keep each distinct
+    input instead (the dense inputs used by error correction). ``release(name)`` drops a linear's
+    reference to its statistics once it is compressed, so each Hessian is freed after its last user.
+    """
+
+    def __init__(self, linears: Dict[str, nn.Module], hessian: bool, sqnorm: bool, device):
+        self.linears = linears
+        self.hessian, self.sqnorm = hessian, sqnorm
+        self.device = device
+        self.stats: Dict[str, InputStats] = {}
+        self.order: List[str] = []  # first-call order of the linears (forward order)
+        self.current = 0  # batch index (set by the caller)
+        self._seen: Dict[int, Dict[int, tuple]] = {}  # per batch: id(input) -> (tensor, its stats or record)
+        self.on_input = None
+        self.record = False
+        self.recorded: Dict[str, List[torch.Tensor]] = {}
+        self.dense_inputs: Optional[Dict[str, List[torch.Tensor]]] = None
+        self.stop_when_complete = False  # collect_all: stop a batch once it has fed every target linear
+        self._calls: Dict[object, Dict[str, int]] = {}  # per batch: hook calls per linear
+        self.handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            seen = self._seen.setdefault(self.current, {})
+            hit = seen.get(id(x))  # (tensor, what it fed: its InputStats or its recorded list)
+            shared = hit is not None and hit[0] is x
+            if self.record:  # dense pass for error correction: keep each distinct input once
+                if shared:
+                    self.recorded[name] = hit[1]
+                else:
+                    rec = self.recorded.setdefault(name, [])
+                    rec.append(x.reshape(-1, x.shape[-1]).clone())
+                    seen[id(x)] = (x, rec)
+                return None
+            if name not in self.stats:
+                self.stats[name] = hit[1] if shared else InputStats(x.shape[-1], self.hessian, self.sqnorm,
+                                                                     device=self.device)
+                self.order.append(name)
+            if not shared:
+                seen[id(x)] = (x, self.stats[name])
+                xd = self.dense_inputs[name][self.current] if self.dense_inputs is not None else None
+                self.stats[name].add(x, xd)
+            if self.on_input is not None:
+                self.on_input(name)
+            calls = self._calls.setdefault(self.current, {})
+            calls[name] = calls.get(name, 0) + 1
+            if self.stop_when_complete and len(calls) == len(self.linears):
+                raise StatisticsComplete
+            return None
+        return hook
+
+    def release(self, name: str) -> None:
+        """Forget ``name``'s statistics (freed once no other linear shares them)."""
+        self.stats.pop(name, None)
+        if self.dense_inputs is not None:
+            self.dense_inputs.pop(name, None)
+
+    def end_batch(self, key):
+        self._seen.pop(key, None)
+        self._calls.pop(key, None)
+
+    def forward_all(self, block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
+        """Run every batch through ``block`` with the hooks live (statistics or recording)."""
+        outs = []
+        for b in range(len(inputs)):
+            self.current = b
+            outs.append(inputs.call(block, b))
+            self.end_batch(b)
+        return outs
+
+    def collect_all(self, block: nn.Module, inputs: BlockInputs) -> None:
+        """Statistics only, outputs not wanted: after the first batch has shown that every target linear
+        is called exactly once per forward, each later batch stops as soon as it has fed all of them
+        (the rest of the block, e.g. the down projection and what follows it, is skipped). Blocks that
+        call a target linear more or less than once (shared or routed modules) run in full."""
+        self.current = 0
+        inputs.call(block, 0)
+        calls = self._calls.get(0, {})
+        self.end_batch(0)
+        self.stop_when_complete = len(calls) == len(self.linears) and all(c == 1 for c in calls.values())
+        try:
+            for b in range(1, len(inputs)):
+                self.current = b
+                try:
+                    inputs.call(block, b)
+                except StatisticsComplete:
+                    pass
+                self.end_batch(b)
+        finally:
+            self.stop_when_complete = False
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self._seen.clear()
+
+
+def run_single_pass(block: nn.Module, inputs: BlockInputs, collector: StatsCollector, compress_fn) -> List[torch.Tensor]:
+    """One forward of all batches in lock-step: each batch runs in its own greenlet and pauses at every
+    target linear once its input is recorded. When all batches wait at the same linear, its statistics
+    are complete: ``compress_fn(name)`` compresses it, and the batches resume *through the compressed
+    linear*. Returns the block's outputs (from the same pass)."""
+    import greenlet
+
+    main = greenlet.getcurrent()
+    outs: List[Optional[torch.Tensor]] = [None] * len(inputs)
+    waiting: Dict[int, str] = {}
+
+    def pause(name):
+        main.switch(name)
+
+    collector.on_input = pause
+
+    def body(b):
+        def run():
+            with torch.no_grad():
+                outs[b] = inputs.call(block, b)
+            return None
+        return run
+
+    lets = [greenlet.greenlet(body(b)) for b in range(len(inputs))]
+    pending = set(range(len(inputs)))
+    try:
+        while pending:
+            waiting.clear()
+            for b in sorted(pending):
+                collector.current = b
+                name = lets[b].switch()
+                if lets[b].dead:
+                    collector.end_batch(b)
+                    pending.discard(b)
+                else:
+                    waiting[b] = name
+            if not waiting:
+                break
+            names = set(waiting.values())
+            if len(names) != 1:
+                raise RuntimeError(f"single pass: batches diverged at {sorted(names)}; use prune.sequential=false")
+            compress_fn(names.pop())
+    finally:
+        collector.on_input = None
+    return outs  # type: ignore[return-value]
