@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
            "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s",
            "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb", "status", "protocol",
-           "zero_shot_protocol", "run_dir"]  # then one column per zero-shot metric and task, e.g. acc:hellaswag
+           "zero_shot_protocol", "code_version", "run_dir"]  # then one column per zero-shot metric and task, e.g. acc:hellaswag
 
 
 ZERO_SHOT_METRICS = ("acc", "acc_norm")
@@ -88,6 +88,7 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "status": data.get("status"),
             "protocol": _protocol_key(data),
             "zero_shot_protocol": _zero_shot_key(data),
+            "code_version": data.get("code_version") or (data.get("environment") or {}).get("compress"),
             "run_dir": data["_dir"],
         })
     dense = [r["ppl"] for r in rows if r["method"] == "none" and r["ppl"]]
@@ -103,7 +104,7 @@ def markdown_table(rows: List[Dict]) -> str:
     sparse24 = any(r.get("sparse24_tokens_per_s") for r in rows)
     head = (["recipe", "method", "pattern", "sparsity", "ppl", "Δ vs dense"] + zs
             + ["non-zero params", "dense MiB", "sparse-storage MiB"] + (["tokens/s"] if speed else [])
-            + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status"])
+            + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status", "code"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
     def f(v, fmt="{:.2f}"):
@@ -119,7 +120,7 @@ def markdown_table(rows: List[Dict]) -> str:
         if sparse24:
             cells.append(f(r.get("sparse24_tokens_per_s"), "{:,.0f}"))
         cells += [f(r["prune_seconds"], "{:.1f}"), f(r["train_seconds"], "{:.1f}"), f(r["peak_memory_mb"], "{:.0f}"),
-                  str(r["status"])]
+                  str(r["status"]), str(r.get("code_version") or "-")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

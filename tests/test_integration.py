@@ -8,7 +8,10 @@ import pytest
 
 from compress.config import CalibConfig, PruneConfig
 from compress.evaluate import perplexity, size_metrics
-from compress.pruning import check_nm, prune_model, target_linears
+from compress.calibration import block_targets
+from compress.pruning import check_nm, prune_model
+
+pytestmark = pytest.mark.integration
 
 REFERENCE_DENSE_PPL = 28.74  # reference code, first 40 x 512 tokens of WikiText-2 raw test
 
@@ -48,7 +51,7 @@ def test_wanda_2of4_on_real_model(tmp_path):
     assert r.summary()["nm_exact"] and r.achieved() == pytest.approx(0.5, abs=1e-4)
     assert len(r.modules) == 30 * 7
     assert all(0 < m["rel_error"] < 1 for m in r.modules)
-    lin = target_linears(model.model.layers[11], PruneConfig())["mlp.down_proj"]
+    lin = block_targets(model.model.layers[11])["mlp.down_proj"]
     assert check_nm(lin.weight, 2, 4)
     ppl = perplexity(model, tok, "wikitext2", seqlen=512, max_windows=4, progress=False)["ppl"]
     assert REFERENCE_DENSE_PPL < ppl < 1000

@@ -35,6 +35,7 @@ def _our_accuracy(model, tok, path):
     return hits / n, hits_norm / n, n
 
 
+@pytest.mark.integration
 def test_lm_eval_local_task_matches_independent_scoring(real_model):
     model, tok = real_model
     res = zero_shot(model, tok, ["compress_tiny_mc"])
@@ -50,6 +51,7 @@ def test_lm_eval_local_task_matches_independent_scoring(real_model):
     assert p["n_samples"]["compress_tiny_mc"]["effective"] == 24
 
 
+@pytest.mark.integration
 def test_lm_eval_missing_package_says_how_to_install(monkeypatch, real_model):
     import compress.lmeval as L
 
@@ -58,6 +60,7 @@ def test_lm_eval_missing_package_says_how_to_install(monkeypatch, real_model):
         L.zero_shot(*real_model, ["compress_tiny_mc"])
 
 
+@pytest.mark.integration
 def test_cli_zero_shot_and_speed_recorded(tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "compress", "prune=magnitude", "prune.pattern=2:4", "eval.max_windows=1",

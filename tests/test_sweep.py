@@ -21,6 +21,7 @@ def _results(d):
     return [json.loads(p.read_text()) for p in sorted(d.rglob("results.json"))]
 
 
+@pytest.mark.integration
 def test_sweep_compare_skip_and_resume(tmp_path):
     d = tmp_path / "sweep"
     # start, kill it in the middle of the second cell, re-run: the grid completes without duplicates
@@ -67,6 +68,7 @@ def test_compare_refuses_mixed_protocols(tmp_path):
     assert c.returncode == 0
 
 
+@pytest.mark.integration
 def test_parallel_sweep_with_joblib_launcher(tmp_path):
     """Two cells at once (joblib, 2 processes): both finish, the dense baseline exists exactly once."""
     d = tmp_path / "par"

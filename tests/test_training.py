@@ -109,13 +109,33 @@ def test_same_seed_identical_losses(tiny_model):
     assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
 
 
-def test_distillation_loss_runs(tiny_model):
+def _grads(student, teacher, **kw):
+    """Gradients of the trainer's loss on one batch, for a copy of ``student``."""
+    import copy
+
+    t = Trainer(copy.deepcopy(student), _cfg(**kw), _ids(8), teacher=teacher)
+    t.model.train()
+    batch = _ids(4, seed=9)
+    t.loss_fn(batch).backward()
+    return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+
+def test_distillation_changes_the_gradients(tiny_model):
+    """KD is really in the loss: with distill_alpha=0.5 the gradients differ from the LM loss alone; with
+    alpha=0 they are the LM loss's exactly; and against a teacher identical to the student, pure KD
+    (alpha=1) has zero gradient (the KL is at its minimum)."""
     teacher = tiny_model("llama", seed=7)
     student = tiny_model("llama", seed=7)
     prune_model(student, None, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
-    t = Trainer(student, _cfg(max_steps=3, distill=True, distill_alpha=0.5), _ids(12), teacher=teacher)
-    t.fit()
-    assert all(h["loss"] > 0 for h in t.history)
+    lm = _grads(student, teacher)
+    kd = _grads(student, teacher, distill=True, distill_alpha=0.5)
+    kd0 = _grads(student, teacher, distill=True, distill_alpha=0.0)
+    assert lm.keys() == kd.keys() == kd0.keys() and len(lm) > 10
+    assert all(torch.equal(lm[n], kd0[n]) for n in lm)
+    diff = sum(float((lm[n] - kd[n]).norm()) for n in lm) / sum(float(lm[n].norm()) for n in lm)
+    assert diff > 0.05
+    same = _grads(tiny_model("llama", seed=7), tiny_model("llama", seed=7), distill=True, distill_alpha=1.0)
+    assert max(float(g.abs().max()) for g in same.values()) < 1e-5
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -144,3 +164,25 @@ def test_chunked_loss_equals_full_loss_and_grads(tiny_model):
     assert res[0][0] == pytest.approx(res[1][0], rel=1e-5)
     for a, b in zip(res[0][1], res[1][1]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "phi3", "gpt2", "gemma2"])
+def test_default_lora_targets_cover_every_block_linear(tiny_model, family):
+    """The default train.lora_targets (every linear of every block, through the prune stage's resolver)
+    puts an adapter on each of them whatever the family calls them, Conv1D included; nothing outside the
+    blocks (lm_head, embeddings) gets one."""
+    from compress.calibration import resolve_targets
+    from compress.training import apply_lora
+
+    model = tiny_model(family)
+    names = set(resolve_targets(model).qualified_names())
+    peft_model = apply_lora(model, TrainConfig(method="lora"))
+    adapted = {n.replace("base_model.model.", "", 1) for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == names and len(names) >= 8
+
+
+def test_lora_targets_that_select_nothing_are_refused(tiny_model):
+    from compress.training import apply_lora
+
+    with pytest.raises(ValueError, match="selects no linear"):
+        apply_lora(tiny_model("opt"), TrainConfig(method="lora", lora_targets=["q_proj_typo"]))

@@ -14,8 +14,9 @@ The two block modes differ in what waits inside a block:
 returns the peak increase of each mode in bytes. Its terms, per linear (``n = out * in``):
 statistics (float32 ``in x in`` Hessian per distinct input, freed after its last user), the damped
 inverse factor (one more ``in x in`` while its users are compressed, three during its computation),
-and the method's working memory (``PruningMethod.work_floats``, e.g. the new weight, scores and error
-terms, a few ``n``). The figures are checked against measured peaks at Llama-2-7B widths in
+and the method's working memory (``PruningMethod.work_floats``: the new weight, scores, mask
+chunks, about ``1.5 n``). One batch's forward through the block, ``batch_tokens * (4 hidden + 3 widest)``
+values, is counted throughout: after the first forward about that much stays allocated on the CPU. The figures are checked against measured peaks at Llama-2-7B widths in
 BENCHMARKS.md.
 """
 
@@ -67,7 +68,10 @@ def estimate_peaks(linears: Sequence[LinearShape], hidden: int, tokens: int, bat
     inputs = tokens * hidden * act_bytes * (2 if dense_stream else 1)  # the block's inputs, all samples
     outputs = inputs  # produced while the inputs are still alive
     widest = max([l.in_features for l in linears] + [intermediate or 0, hidden])
-    forward = batch_tokens * (4 * hidden + 3 * widest) * act_bytes  # one batch through the block
+    # one batch through the block; after the first forward about as much stays allocated (the CPU's
+    # matmul / attention workspaces), so it is counted in every phase
+    forward = batch_tokens * (4 * hidden + 3 * widest) * act_bytes
+    inputs += forward
     groups: Dict[int, int] = {}
     last_user: Dict[int, int] = {}
     first_user: Dict[int, int] = {}
@@ -89,23 +93,25 @@ def estimate_peaks(linears: Sequence[LinearShape], hidden: int, tokens: int, bat
         return live + factor + work
 
     # two-pass: statistics of the whole block first, then compress in order (stats freed after use)
-    peak_two = inputs + sum(stat.values()) + forward
+    peak_two = inputs + sum(stat.values())
     for i in range(len(linears)):
         live = [g for g in groups if last_user[g] >= i]
         peak_two = max(peak_two, inputs + compress_peak(i, live))
-    peak_two = max(peak_two, inputs + outputs + forward)
+    peak_two = max(peak_two, inputs + outputs)
 
     # single pass: statistics appear as the samples reach each linear; all samples wait at it
     peak_single, inflight_at_peak = 0.0, 0.0
     for i, l in enumerate(linears):
         live = [g for g in groups if first_user[g] <= i <= last_user[g]]
+        # each waiting token holds the linear's input, and past the first input also the residual stream
+        # and the normalised block input (the block's own input is already counted)
         first_group = l.group == linears[0].group
         inflight = tokens * (l.in_features if first_group else 2 * hidden + l.in_features) * act_bytes
         inflight *= 2 if dense_stream else 1
         total = inputs + inflight + compress_peak(i, live)
         if total > peak_single:
             peak_single, inflight_at_peak = total, inflight
-    peak_single = max(peak_single, inputs + outputs + forward)
+    peak_single = max(peak_single, inputs + outputs)
     return MemoryEstimate(peak_single, peak_two, inflight_at_peak, tokens)
 
 

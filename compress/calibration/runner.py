@@ -52,7 +52,7 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     captured = capture_block_inputs(model, input_ids, batch_size, device, offload)
-    hidden = captured.hidden
+    hidden, captured.hidden = captured.hidden, []  # only the current block's inputs stay alive
     dense_hidden = hidden if dense_stream and propagate == "pruned" else None
     for idx in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
         block = blocks[idx]

@@ -10,6 +10,7 @@ distinct input.
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -82,23 +83,30 @@ class InputStats:
             self._sampled += take.shape[0]
         self.tokens += n
 
+    ERROR_CHUNK_ELEMENTS = 1 << 20
+
     def relative_error(self, w_dense: torch.Tensor, w_new: torch.Tensor) -> Optional[float]:
-        """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample)."""
-        w_dense = w_dense.float()
-        d = w_dense - w_new.float()
-        if self._H is not None:
-            H = self.H
-            num = torch.sum((d @ H) * d)
-            den = torch.sum((w_dense @ H) * w_dense)
-        elif self.samples:
+        """||W X - W' X|| / ||W X|| on the calibration inputs (exact with H, else on a token subsample).
+        Computed over chunks of rows, so that it needs little memory beside the two weights."""
+        if self._H is None and not self.samples:
+            return None
+        if self._H is None:
             xs = self.samples[0] if len(self.samples) == 1 else torch.cat(self.samples)
             self.samples = [xs]
-            y = xs @ torch.cat([d, w_dense]).t()  # one GEMM for both
-            num = y[:, :d.shape[0]].square().sum()
-            den = y[:, d.shape[0]:].square().sum()
-        else:
-            return None
-        return float(torch.sqrt(num.clamp_min(0) / den.clamp_min(1e-30)))
+        H = self.H
+        num = den = 0.0
+        step = max(1, self.ERROR_CHUNK_ELEMENTS // w_dense.shape[1])
+        for r in range(0, w_dense.shape[0], step):
+            w = w_dense[r:r + step].float()
+            d = w - w_new[r:r + step].float()
+            if H is not None:
+                num += float(((d @ H) * d).sum())
+                den += float(((w @ H) * w).sum())
+            else:
+                y = xs @ torch.cat([d, w]).t()  # one GEMM for both
+                num += float(y[:, :d.shape[0]].square().sum())
+                den += float(y[:, d.shape[0]:].square().sum())
+        return (max(num, 0.0) / max(den, 1e-30)) ** 0.5
 
 
 class StatisticsComplete(Exception):
@@ -111,17 +119,25 @@ class StatsCollector:
     ``hessian`` / ``sqnorm``: what the method declared it needs. ``on_input(name)`` is called after each
     input is recorded (the single pass pauses there). With ``record=True`` the hooks keep each distinct
     input instead (the dense inputs used by error correction). ``release(name)`` drops a linear's
-    reference to its statistics once it is compressed, so each Hessian is freed after its last user.
+    statistics once it is compressed; with ``groups`` (which linears share an input, from
+    :func:`compress.calibration.memory.probe_linears`) a shared Hessian is freed as soon as its last user
+    is released, else when the collector is removed. Inputs are tracked by weak reference only, so the
+    collector keeps no activation alive.
     """
 
-    def __init__(self, linears: Dict[str, nn.Module], hessian: bool, sqnorm: bool, device):
+    def __init__(self, linears: Dict[str, nn.Module], hessian: bool, sqnorm: bool, device,
+                 groups: Optional[Dict[str, int]] = None):
         self.linears = linears
         self.hessian, self.sqnorm = hessian, sqnorm
         self.device = device
+        self.groups = groups
         self.stats: Dict[str, InputStats] = {}
         self.order: List[str] = []  # first-call order of the linears (forward order)
         self.current = 0  # batch index (set by the caller)
-        self._seen: Dict[int, Dict[int, tuple]] = {}  # per batch: id(input) -> (tensor, its stats or record)
+        self._seen: Dict[int, Dict[int, tuple]] = {}  # per batch: id(input) -> (weakref to it, first linear fed)
+        self._shared: Dict[str, InputStats] = {}  # first linear fed an input -> its statistics, for the others
+        self._owner: Dict[str, str] = {}  # linear -> first linear of its input
+        self._released: set = set()
         self.on_input = None
         self.record = False
         self.recorded: Dict[str, List[torch.Tensor]] = {}
@@ -134,22 +150,27 @@ class StatsCollector:
         def hook(module, args):
             x = args[0]
             seen = self._seen.setdefault(self.current, {})
-            hit = seen.get(id(x))  # (tensor, what it fed: its InputStats or its recorded list)
-            shared = hit is not None and hit[0] is x
+            hit = seen.get(id(x))
+            first = hit[1] if hit is not None and hit[0]() is x else None  # an earlier linear got this very tensor
             if self.record:  # dense pass for error correction: keep each distinct input once
-                if shared:
-                    self.recorded[name] = hit[1]
+                if first is not None:
+                    self.recorded[name] = self.recorded[first]
                 else:
-                    rec = self.recorded.setdefault(name, [])
-                    rec.append(x.reshape(-1, x.shape[-1]).clone())
-                    seen[id(x)] = (x, rec)
+                    self.recorded.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).clone())
+                    seen[id(x)] = (weakref.ref(x), name)
                 return None
+            fresh = False
             if name not in self.stats:
-                self.stats[name] = hit[1] if shared else InputStats(x.shape[-1], self.hessian, self.sqnorm,
-                                                                     device=self.device)
+                st = self._shared.get(first) if first is not None else None
+                if st is None:  # a new input (or one whose statistics were already released: counted anew)
+                    st, fresh = InputStats(x.shape[-1], self.hessian, self.sqnorm, device=self.device), True
+                    self._shared[name] = st
+                self.stats[name] = st
+                self._owner[name] = name if fresh else first
                 self.order.append(name)
-            if not shared:
-                seen[id(x)] = (x, self.stats[name])
+            if first is None or fresh:
+                if first is None:
+                    seen[id(x)] = (weakref.ref(x), name)
                 xd = self.dense_inputs[name][self.current] if self.dense_inputs is not None else None
                 self.stats[name].add(x, xd)
             if self.on_input is not None:
@@ -162,10 +183,16 @@ class StatsCollector:
         return hook
 
     def release(self, name: str) -> None:
-        """Forget ``name``'s statistics (freed once no other linear shares them)."""
+        """Forget ``name``'s statistics: freed once every linear of its input group is released."""
         self.stats.pop(name, None)
+        self._released.add(name)
         if self.dense_inputs is not None:
             self.dense_inputs.pop(name, None)
+        owner = self._owner.get(name)
+        if self.groups is not None and owner is not None and name in self.groups:
+            g = self.groups[name]
+            if all(n in self._released for n, gg in self.groups.items() if gg == g):
+                self._shared.pop(owner, None)
 
     def end_batch(self, key):
         self._seen.pop(key, None)
@@ -205,6 +232,7 @@ class StatsCollector:
         for h in self.handles:
             h.remove()
         self._seen.clear()
+        self._shared.clear()
 
 
 def run_single_pass(block: nn.Module, inputs: BlockInputs, collector: StatsCollector, compress_fn) -> List[torch.Tensor]:

@@ -202,7 +202,8 @@ def load_calibration(tokenizer, source: str = "wikitext2", nsamples: int = 32, s
     info = {"dataset": text.name, "split": text.split, "origin": text.origin, "sha256": text.sha256,
             "join_rule": text.join_rule, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "sampling": "random.seed(seed); randint(0, ntokens - seqlen - 1) per sample",
-            "ntokens_text": int(ids.numel())}
+            "ntokens_text": int(ids.numel()),
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
     return windows, info
 
 

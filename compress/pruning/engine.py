@@ -34,7 +34,7 @@ from torch import nn
 
 from compress.calibration import (BlockInputs, BlockResult, Targets, block_outputs, find_blocks, resolve_targets,
                                   run_sequential, weight_matrix)
-from compress.calibration.memory import MiB, estimate_peaks, free_memory_bytes, probe_linears
+from compress.calibration.memory import LinearShape, MiB, estimate_peaks, free_memory_bytes, probe_linears
 from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
 from compress.config import CalibConfig, PruneConfig, parse_pattern
 from compress.errors import ShortfallError
@@ -55,11 +55,11 @@ def _text_config(model):
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def choose_mode(cfg: PruneConfig, method: PruningMethod, block: nn.Module, inputs: BlockInputs,
-                linears: Dict[str, nn.Module], model: nn.Module, device, dense_stream: bool) -> Dict:
-    """Decide single pass or two passes (see the module docstring) and say why."""
+def choose_mode(cfg: PruneConfig, method: PruningMethod, shapes: List[LinearShape], inputs: BlockInputs,
+                model: nn.Module, device, dense_stream: bool) -> Dict:
+    """Decide single pass or two passes (see the module docstring) and say why. ``shapes``: the first
+    block's target linears in forward order (:func:`~compress.calibration.memory.probe_linears`)."""
     hidden = inputs.hidden[0].shape[-1]
-    shapes = probe_linears(block, inputs, linears)
     est = estimate_peaks(shapes, hidden, inputs.ntokens(), inputs.hidden[0].shape[0] * inputs.hidden[0].shape[1],
                          inputs.hidden[0].element_size(), method.needs_hessian, method.work_floats,
                          dense_stream=dense_stream,
@@ -234,7 +234,7 @@ def reconstruct_block(block: nn.Module, linears: Dict[str, nn.Linear], inputs: B
 
 
 def _block_sparsity(linears: Dict[str, nn.Module]) -> float:
-    z = sum(int((m.weight == 0).sum()) for m in linears.values())
+    z = sum(m.weight.numel() - int(torch.count_nonzero(m.weight)) for m in linears.values())
     n = sum(m.weight.numel() for m in linears.values())
     return z / n if n else 0.0
 
@@ -288,7 +288,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
         info = method.info(stats) if stats is not None else {}
         w.data.copy_(new.to(w_dense.dtype))
         del new
-        zeros = int((w == 0).sum())
+        zeros = w.numel() - int(torch.count_nonzero(w))
         entry = {"block": bidx, "name": f"{bidx}.{name}", "type": type(mod).__name__, "rows": w.shape[0],
                  "cols": w.shape[1], "target": 1 - nm[0] / nm[1] if nm else sparsity,
                  "achieved": zeros / w.numel(), "zeros": zeros, "numel": w.numel(), "rel_error": err,
@@ -327,18 +327,24 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
 
     dense_stream = cfg.error_correction or cfg.reconstruct_epochs > 0 or cfg.dense_stats
 
+    probes: Dict[tuple, List[LinearShape]] = {}  # per set of target names: forward order and shared inputs
+
     def process_block(bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
         t0 = time.perf_counter()
         linears = targets.per_block[bidx]
+        if tuple(linears) not in probes:  # blocks of one class share the structure: probed once (one batch)
+            probes[tuple(linears)] = probe_linears(block, inputs, linears)
+        shapes = probes[tuple(linears)]
         if not report.mode:  # decided once, on the first block
-            report.mode = choose_mode(cfg, method, block, inputs, linears, model, device, dense_stream)
+            report.mode = choose_mode(cfg, method, shapes, inputs, model, device, dense_stream)
             if progress:
                 print(mode_line(report.mode))
         single = report.mode["chosen"] == "single_pass"
         dense_outs = None
         if dense is not None and not (cfg.error_correction or cfg.dense_stats):
             dense_outs = block_outputs(block, dense)  # regression targets only, before any hook exists
-        collector = StatsCollector(linears, method.needs_hessian, method.needs_sqnorm, device)
+        collector = StatsCollector(linears, method.needs_hessian, method.needs_sqnorm, device,
+                                   groups={s.name: s.group for s in shapes})
 
         def prune_now(name):
             prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])

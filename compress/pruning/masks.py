@@ -12,13 +12,25 @@ from typing import Optional, Tuple
 import torch
 
 
+ROW_CHUNK_ELEMENTS = 1 << 22  # per-row masks are selected in chunks of rows of about this many scores
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     """Remove the ``sparsity`` fraction of lowest scores, per row or over the whole matrix.
 
-    Ties are broken by position (stable sort), so the result is deterministic.
+    Ties are broken by position (stable sort), so the result is deterministic. Per row, the selection
+    runs over chunks of rows (``kthvalue`` keeps a copy of its input and int64 indices, three times the
+    scores' size), so its working memory stays bounded; the mask is the same.
     """
     if sparsity <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
+    if per_row and scores.dim() == 2 and scores.numel() > ROW_CHUNK_ELEMENTS:
+        step = max(1, ROW_CHUNK_ELEMENTS // scores.shape[1])
+        return torch.cat([_select(scores[r:r + step], sparsity, True) for r in range(0, scores.shape[0], step)])
+    return _select(scores, sparsity, per_row)
+
+
+def _select(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     flat = scores if per_row else scores.reshape(1, -1)
     k = int(round(flat.shape[-1] * sparsity))
     if k == 0:
