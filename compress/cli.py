@@ -89,6 +89,9 @@ def _task(cfg) -> None:
         if multirun:
             print(f"compress: cell {hc.runtime.output_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return
+        if isinstance(e, ConfigError):  # found once the model's config was read (e.g. quant.group_size)
+            print(f"compress: invalid config: {e}", file=sys.stderr)
+            sys.exit(2)
         if isinstance(e, CompressError):  # a refusal or shortfall, said in words: no traceback
             print(f"compress: {type(e).__name__}: {e}\n(recorded in {hc.runtime.output_dir}/results.json)",
                   file=sys.stderr)

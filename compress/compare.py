@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "ppl", "delta_vs_dense", "params_total",
+COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "quant", "bits_per_weight", "footprint_packed_mb",
+           "ppl", "delta_vs_dense", "dense", "params_total",
            "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s",
            "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb", "status", "protocol",
            "zero_shot_protocol", "code_version", "run_dir"]  # then one column per zero-shot metric and task, e.g. acc:hellaswag
@@ -61,14 +62,28 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
     for data in runs:
         cfg = data.get("config") or {}
         prune = cfg.get("prune") or {}
+        quant = cfg.get("quant") or {}
         m = data.get("metrics") or {}
         ppl = m.get("ppl") or {}
         ds = dataset or (next(iter(ppl)) if ppl else None)
         stages = {s["name"]: s for s in data.get("stages", [])}
         method = prune.get("method", "none")
+        qm = quant.get("method", "none")
+        # the dense baseline: every stage none (a quant-only or train-only run is not dense)
+        dense = all((cfg.get(s) or {}).get("method", "none") == "none" for s in ("prune", "train", "quant"))
+        qlabel = "-" if qm == "none" else (f"{qm} w{quant.get('bits')}" + (
+            "" if qm == "bnb" else f" {'g' + str(quant.get('group_size')) if quant.get('group_size', -1) != -1 else 'ch'}"
+            f" {'sym' if quant.get('symmetric') else 'asym'}"))
         rows.append({
-            "recipe": data.get("recipe") or ("dense" if method == "none" else method),
-            "method": method,
+            "recipe": data.get("recipe") or ("dense" if dense else "+".join(
+                x for x in (method if method != "none" else "", (cfg.get("train") or {}).get("method", "none")
+                            if (cfg.get("train") or {}).get("method", "none") != "none" else "",
+                            qm if qm != "none" else "") if x)),
+            "method": "none" if dense else method,
+            "dense": dense,
+            "quant": qlabel,
+            "bits_per_weight": m.get("bits_per_weight"),
+            "footprint_packed_mb": m.get("footprint_packed_mb"),
             "pattern": prune.get("pattern", "") if method != "none" else "",
             "sparsity_target": prune.get("sparsity") if method != "none" else 0.0,
             "sparsity": m.get("sparsity"),
@@ -91,10 +106,11 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "code_version": data.get("code_version") or (data.get("environment") or {}).get("compress"),
             "run_dir": data["_dir"],
         })
-    dense = [r["ppl"] for r in rows if r["method"] == "none" and r["ppl"]]
+    dense = [r["ppl"] for r in rows if r["dense"] and r["ppl"]]
     for r in rows:
         r["delta_vs_dense"] = (r["ppl"] - dense[0]) if dense and r["ppl"] is not None else None
-    rows.sort(key=lambda r: (r["method"] != "none", r["method"], r["pattern"], r["sparsity_target"] or 0, r["recipe"]))
+    rows.sort(key=lambda r: (not r["dense"], r["method"], r["pattern"], r["sparsity_target"] or 0, r["quant"],
+                             r["bits_per_weight"] or 0, r["recipe"]))
     return rows
 
 
@@ -102,7 +118,9 @@ def markdown_table(rows: List[Dict]) -> str:
     zs = zero_shot_columns(rows)
     speed = any(r.get("tokens_per_s") for r in rows)
     sparse24 = any(r.get("sparse24_tokens_per_s") for r in rows)
-    head = (["recipe", "method", "pattern", "sparsity", "ppl", "Δ vs dense"] + zs
+    quant = any(r.get("quant") not in (None, "-") for r in rows)
+    head = (["recipe", "method", "pattern", "sparsity"] + (["quant", "bits/weight", "packed MiB"] if quant else [])
+            + ["ppl", "Δ vs dense"] + zs
             + ["non-zero params", "dense MiB", "sparse-storage MiB"] + (["tokens/s"] if speed else [])
             + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status", "code"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -111,8 +129,10 @@ def markdown_table(rows: List[Dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     for r in rows:
-        cells = [str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}"), f(r["ppl"]),
-                 f(r["delta_vs_dense"], "{:+.2f}")]
+        cells = [str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}")]
+        if quant:
+            cells += [r.get("quant") or "-", f(r.get("bits_per_weight"), "{:.3f}"), f(r.get("footprint_packed_mb"), "{:.0f}")]
+        cells += [f(r["ppl"]), f(r["delta_vs_dense"], "{:+.2f}")]
         cells += [f(r.get(c), "{:.4f}") for c in zs]
         cells += [f(r["params_nonzero"], "{:,}"), f(r["footprint_mb"], "{:.0f}"), f(r.get("footprint_sparse_mb"), "{:.0f}")]
         if speed:
@@ -137,8 +157,8 @@ def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> b
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in pts:
-        label = "dense" if r["method"] == "none" else f"{r['recipe']} {r['sparsity'] or 0:.2f}"
-        ax.scatter(x(r), r["ppl"], color="gray" if r["method"] == "none" else None)
+        label = "dense" if r["dense"] else f"{r['recipe']} {r['sparsity'] or 0:.2f}"
+        ax.scatter(x(r), r["ppl"], color="gray" if r["dense"] else None)
         ax.annotate(label, (x(r), r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -163,8 +183,10 @@ def plot(rows: List[Dict], path: Path) -> None:
     for r in rows:
         if r["ppl"] is None or r["status"] != "ok":
             continue
-        if r["method"] == "none":
+        if r["dense"]:
             dense = r["ppl"]
+            continue
+        if r["method"] == "none":  # quant/train-only runs have no sparsity axis: plotted against bits
             continue
         by_method.setdefault(f"{r['method']} {r['pattern']}", []).append((r["sparsity"], r["ppl"]))
     for label, pts in sorted(by_method.items()):
@@ -217,6 +239,10 @@ def main(argv=None) -> int:
     (out / "comparison.md").write_text(md + "\n\nprotocol: " + "; ".join(sorted(protocols)) + "\n")
     written = [out / "comparison.csv", out / "comparison.md", out / "ppl_vs_sparsity.png"]
     plot(rows, written[-1])
+    if plot_tradeoff(rows, out / "ppl_vs_bits.png", lambda r: r.get("bits_per_weight") or (32.0 if r["dense"] else None),
+                     "bits per weight of the quantized linears (scales and zero points included; dense = 32)",
+                     "perplexity vs bits per weight"):
+        written.append(out / "ppl_vs_bits.png")
     if plot_tradeoff(rows, out / "ppl_vs_footprint.png", lambda r: r.get("footprint_sparse_mb"),
                      "footprint with sparse storage (MiB: non-zeros + 1-bit mask)", "perplexity vs footprint"):
         written.append(out / "ppl_vs_footprint.png")

@@ -18,7 +18,8 @@ from typing import Any, List, Optional
 # imports torch; tests check these lists against the registries.
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 TRAIN_METHODS = ("none", "full", "lora", "qlora")
-QUANT_METHODS = ("none",)
+QUANT_METHODS = ("none", "bnb", "rtn", "gptq")
+STAGE_NAMES = ("prune", "train", "quant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("uniform", "list", "owl")
 EMBEDDED_MODEL = "smollm2-135m"
@@ -301,18 +302,51 @@ class TrainConfig:
 
 @dataclass
 class QuantConfig:
-    method: str = "none"
-    bits: int = 4
-    group_size: int = 128  # -1 = per channel
-    symmetric: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
+    method: str = "none"  # none | bnb | rtn | gptq
+    bits: int = 4  # rtn/gptq: 2-8; bnb: 4 (nf4/fp4) or 8 (LLM.int8)
+    group_size: int = 64  # rtn/gptq: input columns per scale (-1 = per output channel); must divide every width
+    symmetric: bool = True  # rtn/gptq: symmetric grid (no zero point) or asymmetric
+    mse: bool = False  # rtn/gptq: search each group's clipping range for the least squared rounding error
+    # gptq
+    act_order: bool = False  # columns by decreasing Hessian diagonal, with static groups (no per-row g_idx)
+    blocksize: int = 128  # columns per lazy batch update
+    percdamp: float = 0.01  # relative damping of H (raised automatically if H is not positive definite)
+    damp_mode: str = "mean"  # mean | median of diag(H)
+    sequential: str = "auto"  # true: each linear on the inputs left by the quantized ones before it (true-sequential)
+    memory_budget: float = 0.5  # sequential=auto: fraction of the free memory the single pass may use
+    offload: bool = False
+    targets: List[str] = field(default_factory=lambda: [r".*"])  # regexes on module names inside a block
+    ignore: List[str] = field(default_factory=list)
+    # bnb
+    bnb_quant_type: str = "nf4"  # 4-bit: nf4 | fp4
+    bnb_double_quant: bool = True  # 4-bit: quantize the block scales too
+    bnb_compute_dtype: str = "float32"  # 4-bit: float32 | bfloat16 | float16
+    bnb_int8_threshold: float = 6.0  # 8-bit: LLM.int8 outlier threshold
 
     def __post_init__(self):
         _choice("quant.method", self.method, QUANT_METHODS)
-        _choice("quant.bits", self.bits, (2, 3, 4, 8))
+        if self.method == "bnb":
+            _choice("quant.bits", self.bits, (4, 8))
+        else:
+            _choice("quant.bits", self.bits, (2, 3, 4, 5, 6, 7, 8))
         if self.group_size != -1:
             _positive("quant.group_size", self.group_size)
+        seq = self.sequential
+        self.sequential = ("true" if seq else "false") if isinstance(seq, bool) else str(seq).lower()
+        _choice("quant.sequential", self.sequential, ("auto", "true", "false"))
+        if not isinstance(self.memory_budget, (int, float)) or not 0 < float(self.memory_budget) <= 1:
+            raise ConfigError(f"quant.memory_budget={self.memory_budget!r} is not valid: it must be in (0, 1]")
+        _choice("quant.damp_mode", self.damp_mode, ("mean", "median"))
+        _positive("quant.blocksize", self.blocksize)
+        if not self.percdamp >= 0:
+            raise ConfigError(f"quant.percdamp={self.percdamp!r} is not valid: it must be >= 0")
+        _choice("quant.bnb_quant_type", self.bnb_quant_type, ("nf4", "fp4"))
+        _choice("quant.bnb_compute_dtype", self.bnb_compute_dtype, ("float32", "bfloat16", "float16"))
+        for rx in list(self.targets) + list(self.ignore):
+            try:
+                re.compile(rx)
+            except re.error as e:
+                raise ConfigError(f"quant.targets/ignore has an invalid regex {rx!r}: {e}") from None
 
 
 @dataclass
@@ -332,8 +366,31 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # the order the stages run in (each runs when its method is not none), e.g. [prune, quant, train]
+    # for recovery training on the quantized model
+    stages: List[str] = field(default_factory=lambda: ["prune", "train", "quant"])
     seed: int = 0
     description: str = ""  # set by recipes: one line on what the experiment is for
+
+    def __post_init__(self):
+        order = list(self.stages)
+        for s in order:
+            _choice("stages", s, STAGE_NAMES)
+        if len(set(order)) != len(order):
+            raise ConfigError(f"stages={order} names a stage twice. Valid: an order of {', '.join(STAGE_NAMES)}")
+        for s in STAGE_NAMES:
+            if s not in order and getattr(self, s).method != "none":
+                raise ConfigError(f"{s}.method={getattr(self, s).method!r} but stages={order} leaves the {s} stage out")
+        if self.quant.method == "bnb" and self.train.method != "none" and order.index("train") > order.index("quant"):
+            raise ConfigError("training after quant=bnb is not supported (the bitsandbytes weights are frozen); use "
+                              "train=qlora before or stages=[prune, train, quant]")
+        if self.quant.method in ("rtn", "gptq") and self.train.method not in ("none", "lora", "qlora") \
+                and "train" in order and order.index("train") > order.index("quant"):
+            raise ConfigError("train.method=full after an rtn/gptq quant stage would move the weights off the grid; "
+                              "use train=lora (adapters kept apart) or train before quant")
+
+    def is_dense_baseline(self) -> bool:
+        return all(getattr(self, s).method == "none" for s in STAGE_NAMES)
 
 
 def validate(cfg) -> Config:

@@ -104,6 +104,14 @@ def size_metrics(model, targets=(r".*",), ignore=()) -> Dict:
     saved = 0  # bytes saved by storing sparse linears as non-zero values + a 1-bit mask per weight
     for mod in resolve_targets(model, targets, ignore).flat().values():
         w = mod.weight
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # bitsandbytes: packed
+            from compress.quant.bnb import dequantized_weight
+
+            w = dequantized_weight(mod)
+            zeros = int(w.numel() - torch.count_nonzero(w))
+            lin_total += w.numel()
+            lin_zero += zeros
+            continue
         zeros = int((w == 0).sum())
         lin_total += w.numel()
         lin_zero += zeros

@@ -1,4 +1,4 @@
-"""One experiment: load -> [prune] -> [train] -> [quant] -> eval, with a run record.
+"""One experiment: load -> the configured stages (``stages``, default prune, train, quant) -> eval, with a run record.
 
 Each stage is a function ``stage(ctx, info)`` registered in :data:`STAGES`; ``info`` is a dict whose
 contents go into that stage's entry in ``results.json``. The record is rewritten after every stage,
@@ -27,6 +27,7 @@ class StageContext:
     device: str
     record: Any
     out_dir: Path
+    artifacts: Dict = dataclasses.field(default_factory=dict)  # what later steps need (e.g. the quant grids for saving)
 
 
 def _stage_prune(ctx: StageContext, info: Dict) -> None:
@@ -59,7 +60,7 @@ def _stage_train(ctx: StageContext, info: Dict) -> None:
 
 
 def _stage_quant(ctx: StageContext, info: Dict) -> None:
-    from compress.quant import quant_stage
+    from compress.quant.stage import quant_stage
 
     ctx.model = quant_stage(ctx, info)
 
@@ -154,15 +155,64 @@ def final_evals(ctx: StageContext, save_to: Optional[Path] = None) -> None:
             zero_shot_into(ctx, info)
     if save_to is not None:
         with rec.stage("save", "save_pretrained") as info:
-            ctx.model.save_pretrained(save_to, safe_serialization=True)
-            ctx.tokenizer.save_pretrained(save_to)
-            info["path"] = str(save_to)
+            info.update(save_model(ctx, save_to))
     if cfg.eval.speed:
         with rec.stage("speed", "prefill") as info:
             speed_into(ctx, info)
 
 
 REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
+
+
+def save_model(ctx: StageContext, save_to: Path) -> Dict:
+    """Save the final model so that stock ``from_pretrained`` reloads it: RTN/GPTQ as compressed-tensors
+    pack-quantized (with the sparsity sidecar), everything else (dense, pruned, bitsandbytes) with
+    ``save_pretrained``; safetensors only."""
+    report = ctx.artifacts.get("quant_report")
+    if report is not None and report.method in ("rtn", "gptq"):
+        from compress.calibration import resolve_targets, weight_matrix
+        from compress.quant.export import save_compressed_tensors, sparsity_sidecar
+        from compress.quant.grid import GridSpec
+
+        q = ctx.cfg.quant
+        spec = GridSpec(q.bits, q.symmetric, q.group_size)
+        flat = resolve_targets(ctx.model, q.targets, q.ignore)
+        weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
+        pattern = ctx.cfg.prune.pattern if ctx.cfg.prune.method != "none" else None
+        out = save_compressed_tensors(ctx.model, save_to, report.params, spec, ctx.tokenizer,
+                                      sidecar=sparsity_sidecar(weights, pattern))
+    else:
+        ctx.model.save_pretrained(save_to, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(save_to)
+        out = {"format": "safetensors" + (" (bitsandbytes)" if report is not None else ""), "path": str(save_to),
+               "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors"))}
+    return out
+
+
+def check_group_size(cfg: Config) -> None:
+    """Before the model loads: a quant group size must divide the input width of every selected linear.
+    The widths come from the model built on the meta device from its config (no weights read)."""
+    q = cfg.quant
+    if q.method not in ("rtn", "gptq") or q.group_size == -1:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.calibration import resolve_targets, weight_matrix
+    from compress.config import ConfigError
+    from compress.models import model_path
+
+    mc = AutoConfig.from_pretrained(model_path(cfg.model), revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
+    widths = {n: weight_matrix(m).shape[1] for n, m in resolve_targets(meta, q.targets, q.ignore).flat().items()}
+    bad = sorted({n.split(".", 1)[1]: w for n, w in widths.items() if w % q.group_size}.items())
+    if bad:
+        ok = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths.values())]
+        raise ConfigError(f"quant.group_size={q.group_size} does not divide the input width of "
+                          + ", ".join(f"{n} ({w})" for n, w in bad[:8])
+                          + f". Group sizes that divide every width: {ok or 'none'}; or -1 (per channel).")
 
 
 def config_hash(cfg_dict: Dict) -> str:
@@ -221,6 +271,7 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
 
     base_cfg = dataclasses.replace(ctx.cfg, prune=type(ctx.cfg.prune)(), train=type(ctx.cfg.train)(),
                                    quant=type(ctx.cfg.quant)(), description="dense baseline of the sweep")
+    assert base_cfg.is_dense_baseline()
     base = dataclasses.asdict(base_cfg)
     chash = config_hash({"model": base["model"], "eval": base["eval"]})
     d = Path(sweep_dir) / f"dense-{chash}"
@@ -266,6 +317,8 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             print(f"compress: {recipe or 'run'} already finished in {done.parent} (config {chash}, code "
                   f"{json.loads(done.read_text()).get('code_version')}): skipped")
             return json.loads(done.read_text())
+    if model is None:
+        check_group_size(cfg)  # before any weight is read
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     from omegaconf import OmegaConf
@@ -281,16 +334,15 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
         ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
         sizes = lambda m: size_metrics(m, cfg.prune.targets, cfg.prune.ignore)  # noqa: E731 (the prune selection)
         rec.update_metrics(**sizes(model))
-        compressing = any(getattr(cfg, n).method != "none" for n in STAGES)
-        if sweep_dir is not None and compressing:
+        if sweep_dir is not None and not cfg.is_dense_baseline():
             with scoped_torch_flags():
                 _dense_baseline(ctx, Path(sweep_dir), recipe)
-        for name, fn in STAGES.items():
+        for name in cfg.stages:
             method = getattr(cfg, name).method
             if method == "none":
                 continue
             with rec.stage(name, method) as info, scoped_torch_flags():
-                fn(ctx, info)
+                STAGES[name](ctx, info)
             rec.update_metrics(**sizes(ctx.model))
         with scoped_torch_flags():
             final_evals(ctx, save_to=out_dir / "model" if cfg.output.save_model else None)

@@ -424,7 +424,7 @@ def test_auto_mode_switches_at_the_memory_budget(tiny_model, calib_ids, monkeypa
     # free memory just below what the single pass needs at budget 1.0: two passes
     free = est["single_pass_mb"] * 2**20 * 0.99
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free)
-    monkeypatch.setattr("compress.pruning.engine.free_memory_bytes", lambda device: free)
+    monkeypatch.setattr("compress.calibration.loop.free_memory_bytes", lambda device: free)
     small = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, memory_budget=1.0), calib_ids=calib_ids,
                         progress=False)
     assert small.mode["chosen"] == "two_pass" and "exceed" in small.mode["reason"]
@@ -439,14 +439,14 @@ def test_auto_mode_switches_at_the_memory_budget(tiny_model, calib_ids, monkeypa
     # explicit overrides win over the budget, options that need the single pass force it
     forced = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, sequential=True, memory_budget=1.0),
                          calib_ids=calib_ids, progress=False)
-    assert forced.mode["chosen"] == "single_pass" and forced.mode["reason"] == "prune.sequential=true"
+    assert forced.mode["chosen"] == "single_pass" and forced.mode["reason"] == "sequential=true"
     needs = prune_model(tiny_model("llama"), None, PruneConfig(**cfg, dense_stats=True, memory_budget=1.0),
                         calib_ids=calib_ids, progress=False)
     assert needs.mode["chosen"] == "single_pass" and "dense_stats" in needs.mode["reason"]
 
 
 def test_auto_two_pass_equals_explicit_two_pass(tiny_model, calib_ids, monkeypatch):
-    monkeypatch.setattr("compress.pruning.engine.free_memory_bytes", lambda device: 1.0)
+    monkeypatch.setattr("compress.calibration.loop.free_memory_bytes", lambda device: 1.0)
     a, b = tiny_model("qwen2", seed=7), tiny_model("qwen2", seed=7)
     r = prune_model(a, None, PruneConfig(method="wanda", sparsity=0.5), calib_ids=calib_ids, progress=False)
     assert r.mode["chosen"] == "two_pass"

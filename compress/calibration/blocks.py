@@ -12,9 +12,10 @@
 How the per-block arguments are captured without running the blocks: every block's ``forward`` is
 swapped for a recorder that stores its arguments and hands the hidden states on unchanged, and the
 last one stops the forward. So each batch costs the embeddings and the mask/rotary set-up only. One
-real forward of the first batch (blocks running, arguments recorded by pre-hooks) checks that the
-model computes no block argument from a previous block's output; a model that does is refused, since
-its arguments could not be replayed.
+real forward of a short probe (the first 64 tokens of the first sample; blocks running, arguments
+recorded by pre-hooks), compared with the recorders' view of the same probe, checks that the model
+computes no block argument from a previous block's output; a model that does is refused, since its
+arguments could not be replayed.
 """
 
 from __future__ import annotations
@@ -236,22 +237,12 @@ def _real_first_batch(model, blocks, batch, device, offload) -> Tuple[List[Tuple
     return seen, tuple_out[0]
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, device=None,
-                         offload: bool = False, check: bool = True) -> CapturedInputs:
-    """Record the first block's hidden states and every block's own arguments, per batch of ``input_ids``.
-
-    ``check``: run the first batch through the real blocks once and verify that the recorded arguments
-    equal those the blocks really receive (refusing the model otherwise).
-    """
-    blocks_name, blocks = find_blocks(model)
+def _stub_capture(model, blocks_name, blocks, batches, tuple_out: bool) -> CapturedInputs:
+    """Every block's arguments for each batch, the blocks' forwards swapped for recorders that hand the
+    hidden states on unchanged (the last one stops the forward)."""
     n = len(blocks)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     cap = CapturedInputs([], [[] for _ in range(n)], [[] for _ in range(n)], [False] * n)
     calls = [0] * n
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    tuple_out = False
 
     def recorder(i):
         def forward(*args, **kwargs):
@@ -268,41 +259,60 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         return forward
 
     own = [b.__dict__.get("forward") for b in blocks]  # e.g. accelerate hooks set an instance forward
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
+    try:
+        for bi, batch in enumerate(batches):
+            if not _forward(model, batch) or any(c != bi + 1 for c in calls):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: calling the model did not call each of its {n} decoder blocks "
+                    f"({blocks_name}) exactly once per forward (calls per block: {calls}); compress "
+                    "calibrates block by block and cannot replay this model")
+    finally:
+        for b, f in zip(blocks, own):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    return cap
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, device=None,
+                         offload: bool = False, check: bool = True, check_tokens: int = 64) -> CapturedInputs:
+    """Record the first block's hidden states and every block's own arguments, per batch of ``input_ids``.
+
+    ``check``: run the first ``check_tokens`` tokens of the first sample through the real blocks once, and
+    through the recorders, and verify that the recorded arguments equal those the blocks really receive
+    (refusing the model otherwise). It costs about ``check_tokens`` tokens of one forward.
+    """
+    blocks_name, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    tuple_out = False
     try:
         with _onloaded(model, blocks_name, blocks, device, offload):
             batches = [input_ids[s:s + batch_size].to(device) for s in range(0, input_ids.shape[0], batch_size)]
-            real = None
             if check and batches:
-                real, tuple_out = _real_first_batch(model, blocks, batches[0], device, offload)
-            for i, b in enumerate(blocks):
-                b.forward = recorder(i)
-            try:
-                for bi, batch in enumerate(batches):
-                    if not _forward(model, batch) or any(c != bi + 1 for c in calls):
-                        raise UnsupportedModelError(
-                            f"{type(model).__name__}: calling the model did not call each of its {n} decoder blocks "
-                            f"({blocks_name}) exactly once per forward (calls per block: {calls}); compress "
-                            "calibrates block by block and cannot replay this model")
-            finally:
-                for b, f in zip(blocks, own):
-                    if f is None:
-                        del b.forward
-                    else:
-                        b.forward = f
+                probe = batches[0][:1, :check_tokens]
+                real, tuple_out = _real_first_batch(model, blocks, probe, device, offload)
+                stub = _stub_capture(model, blocks_name, blocks, [probe], tuple_out)
+                bad = [i for i, (rest, kw) in enumerate(real)
+                       if not (_same(rest, stub.args[i][0]) and _same(kw, stub.kwargs[i][0]))]
+                if bad:
+                    keys = sorted({k for i in bad for k in set(real[i][1]) | set(stub.kwargs[i][0])
+                                   if not _same(real[i][1].get(k), stub.kwargs[i][0].get(k))})
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__}: the arguments of decoder blocks {bad[:8]} depend on what earlier "
+                        f"blocks compute (differing: {keys or 'positional arguments'}), so they cannot be recorded "
+                        "once and replayed block by block; compress refuses this model rather than calibrate on "
+                        "wrong activations")
+            cap = _stub_capture(model, blocks_name, blocks, batches, tuple_out)
     finally:
         model.config.use_cache = use_cache
     if len(cap) == 0:
         raise RuntimeError("capture failed: no calibration batch reached the first decoder block")
-    if real is not None:
-        bad = [i for i, (rest, kw) in enumerate(real)
-               if not (_same(rest, cap.args[i][0]) and _same(kw, cap.kwargs[i][0]))]
-        if bad:
-            keys = sorted({k for i in bad for k in set(real[i][1]) | set(cap.kwargs[i][0])
-                           if not _same(real[i][1].get(k), cap.kwargs[i][0].get(k))})
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: the arguments of decoder blocks {bad[:8]} depend on what earlier blocks "
-                f"compute (differing: {keys or 'positional arguments'}), so they cannot be recorded once and "
-                "replayed block by block; compress refuses this model rather than calibrate on wrong activations")
     return cap
 
 

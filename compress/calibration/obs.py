@@ -26,8 +26,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from compress.pruning.masks import nm_mask, unstructured_mask
-
 
 @dataclass
 class ObsResult:
@@ -49,14 +47,19 @@ def _block_size(blocksize: int, *multiples: int) -> int:
 @torch.no_grad()
 def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, sparsity: float = 0.0,
                  nm: Optional[Tuple[int, int]] = None, keep: Optional[torch.Tensor] = None, quant=None,
-                 static_groups: bool = False, dead: Optional[torch.Tensor] = None) -> ObsResult:
+                 qparams: Optional[tuple] = None, dead: Optional[torch.Tensor] = None) -> ObsResult:
     """Compress ``W`` (``[rows, cols]``, any float dtype) column by column (see the module docstring).
 
     ``U``: upper Cholesky factor of the damped inverse Hessian, in the processing order (permute ``H``
-    and ``W``'s columns together for act-order before calling). ``dead``: inputs never activated (their
-    weights are zeroed first, as in the reference implementations). Returns an :class:`ObsResult`.
+    and ``W``'s columns together for act-order before calling). ``quant``: a
+    :class:`~compress.quant.grid.GridSpec`; ``qparams``: ``(scale, zero, col_group)`` fitted beforehand
+    (static groups: ``scale``/``zero`` ``[rows, groups]``, ``col_group[c]`` the group of processing-order
+    column ``c``), else each group's parameters are fitted when the loop reaches it (contiguous groups).
+    ``dead``: inputs never activated (their weights are zeroed first, as in the reference
+    implementations). Returns an :class:`ObsResult`.
     """
-    from compress.quant.grid import fake_quant, fit, fit_groups
+    from compress.pruning.masks import nm_mask, unstructured_mask  # pure functions (imported here: no cycle)
+    from compress.quant.grid import fake_quant, fit
 
     Wt = W.float().t().contiguous()  # [cols, rows]
     cols, rows = Wt.shape
@@ -65,24 +68,21 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
     choose = keep is None and (sparsity > 0 or nm is not None)
     keep_t = keep.t().contiguous() if keep is not None else (torch.ones_like(Wt, dtype=torch.bool) if choose else None)
     gs = 0
-    scale = zero = None
+    scale = zero = col_group = None
+    static = qparams is not None
     if quant is not None:
         gs = cols if quant.group_size == -1 else quant.group_size
         if cols % gs:
             raise ValueError(f"group size {gs} does not divide the {cols} input columns")
-        ngroups = cols // gs
-        scale = torch.empty(rows, ngroups, dtype=torch.float32, device=Wt.device)
-        zero = None if quant.symmetric else torch.empty(rows, ngroups, dtype=torch.float32, device=Wt.device)
-        if static_groups or quant.group_size == -1:  # fitted once, on the weights before any update
-            s, z = fit_groups(Wt.t(), quant, None if keep_t is None or choose else keep_t.t())
-            scale.copy_(s)
-            if zero is not None:
-                zero.copy_(z)
-            static = True
+        if static:
+            scale, zero, col_group = qparams
+            col_group = col_group.tolist()
         else:
-            static = False
-    blocksize = _block_size(blocksize, nm[1] if nm else 0, gs if quant is not None and gs < cols else 0)
-    if nm is not None and quant is not None and gs < cols and gs % nm[1]:
+            scale = torch.empty(rows, cols // gs, dtype=torch.float32, device=Wt.device)
+            zero = None if quant.symmetric else torch.empty(rows, cols // gs, dtype=torch.float32, device=Wt.device)
+            col_group = [c // gs for c in range(cols)]
+    blocksize = _block_size(blocksize, nm[1] if nm else 0, gs if quant is not None and gs < cols and not static else 0)
+    if choose and nm is not None and quant is not None and not static and gs < cols and gs % nm[1]:
         raise ValueError(f"N:M with M={nm[1]} needs a quantization group size that is a multiple of M, got {gs}")
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -116,7 +116,7 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
                 scale[:, g:g + 1] = s_
                 if zero is not None:
                     zero[:, g:g + 1] = z_
-            g = c // gs
+            g = col_group[c]
             w = w_rows[i]
             q = fake_quant(w.unsqueeze(1), scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1],
                            quant.bits).squeeze(1)

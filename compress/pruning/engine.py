@@ -32,10 +32,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from compress.calibration import (BlockInputs, BlockResult, Targets, block_outputs, find_blocks, resolve_targets,
-                                  run_sequential, weight_matrix)
-from compress.calibration.memory import LinearShape, MiB, estimate_peaks, free_memory_bytes, probe_linears
-from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
+from compress.calibration import BlockInputs, Targets, block_outputs, resolve_targets, weight_matrix
+from compress.calibration.loop import BlockLoop, mode_line
+from compress.calibration.stats import InputStats, StatsCollector
 from compress.config import CalibConfig, PruneConfig, parse_pattern
 from compress.errors import ShortfallError
 from compress.pruning.masks import check_nm
@@ -49,55 +48,6 @@ log = logging.getLogger(__name__)
 def prune_targets(model: nn.Module, cfg: PruneConfig) -> Targets:
     """The modules ``cfg`` selects (``prune.targets`` / ``prune.ignore``), through the one resolver."""
     return resolve_targets(model, cfg.targets, cfg.ignore)
-
-
-def _text_config(model):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
-def choose_mode(cfg: PruneConfig, method: PruningMethod, shapes: List[LinearShape], inputs: BlockInputs,
-                model: nn.Module, device, dense_stream: bool) -> Dict:
-    """Decide single pass or two passes (see the module docstring) and say why. ``shapes``: the first
-    block's target linears in forward order (:func:`~compress.calibration.memory.probe_linears`)."""
-    hidden = inputs.hidden[0].shape[-1]
-    est = estimate_peaks(shapes, hidden, inputs.ntokens(), inputs.hidden[0].shape[0] * inputs.hidden[0].shape[1],
-                         inputs.hidden[0].element_size(), method.needs_hessian, method.work_floats,
-                         dense_stream=dense_stream,
-                         intermediate=getattr(_text_config(model), "intermediate_size", None))
-    free = free_memory_bytes(device)
-    budget = free * float(cfg.memory_budget) if free is not None else None
-    info = {"requested": cfg.sequential, "estimate": est.to_dict(), "device": str(device),
-            "free_mb": round(free / MiB, 1) if free is not None else None,
-            "memory_budget": float(cfg.memory_budget), "budget_mb": round(budget / MiB, 1) if budget else None}
-    forced = cfg.needs_single_pass()
-    if cfg.sequential == "true":
-        chosen, why = "single_pass", "prune.sequential=true"
-    elif cfg.sequential == "false":
-        chosen, why = "two_pass", "prune.sequential=false"
-    elif forced:
-        chosen, why = "single_pass", f"{forced} needs the single pass"
-    elif cfg.propagate == "dense":
-        chosen, why = "two_pass", "prune.propagate=dense needs two passes"
-    elif budget is None:
-        chosen, why = "single_pass", "free memory unknown"
-    elif est.single_pass_bytes <= budget:
-        chosen, why = "single_pass", "the single pass fits the budget"
-    else:
-        chosen, why = "two_pass", "the single pass would exceed the budget"
-    info.update(chosen=chosen, reason=why)
-    if chosen == "single_pass" and budget is not None and est.single_pass_bytes > budget:
-        log.warning("prune: the single pass needs about %.0f MiB on %s beyond the model, over the budget of %.0f MiB "
-                    "(%.2f of %.0f MiB free); prune.sequential=false needs about %.0f MiB.", est.single_pass_bytes / MiB,
-                    device, budget / MiB, cfg.memory_budget, free / MiB, est.two_pass_bytes / MiB)
-    return info
-
-
-def mode_line(info: Dict) -> str:
-    e = info["estimate"]
-    budget = f"{info['budget_mb']:.0f} MiB ({info['memory_budget']:g} of {info['free_mb']:.0f} MiB free on {info['device']})" \
-        if info.get("budget_mb") else "unknown"
-    return (f"prune mode: {info['chosen']} ({info['reason']}); estimated peak beyond the model: single pass "
-            f"{e['single_pass_mb']:.0f} MiB, two passes {e['two_pass_mb']:.0f} MiB; budget {budget}")
 
 
 @dataclass
@@ -173,7 +123,7 @@ class PruneReport:
         lines = [f"prune: {self.method} {self.pattern} target={self.target_sparsity:.3f} "
                  f"achieved={self.achieved():.4f} in {self.seconds:.1f}s, {len(self.modules)} modules"]
         if self.mode:
-            lines.append("  " + mode_line(self.mode))
+            lines.append("  " + mode_line(self.mode, "prune"))
         lines += [
                  f"  {'block':>5} {'sparsity':>9} {'mean rel err':>13} {'seconds':>8} {'peak MiB':>9}"]
         step = max(1, len(self.blocks) // max_rows)
@@ -326,66 +276,54 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
         return finish()
 
     dense_stream = cfg.error_correction or cfg.reconstruct_epochs > 0 or cfg.dense_stats
-
-    probes: Dict[tuple, List[LinearShape]] = {}  # per set of target names: forward order and shared inputs
-
-    def process_block(bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
-        t0 = time.perf_counter()
-        linears = targets.per_block[bidx]
-        if tuple(linears) not in probes:  # blocks of one class share the structure: probed once (one batch)
-            probes[tuple(linears)] = probe_linears(block, inputs, linears)
-        shapes = probes[tuple(linears)]
-        if not report.mode:  # decided once, on the first block
-            report.mode = choose_mode(cfg, method, shapes, inputs, model, device, dense_stream)
-            if progress:
-                print(mode_line(report.mode))
-        single = report.mode["chosen"] == "single_pass"
-        dense_outs = None
-        if dense is not None and not (cfg.error_correction or cfg.dense_stats):
-            dense_outs = block_outputs(block, dense)  # regression targets only, before any hook exists
-        collector = StatsCollector(linears, method.needs_hessian, method.needs_sqnorm, device,
-                                   groups={s.name: s.group for s in shapes})
-
-        def prune_now(name):
-            prune_linear(bidx, name, linears[name], collector.stats[name], sparsities[bidx])
-            collector.release(name)  # its Hessian is freed after its last user
-
-        try:
-            if dense is not None and dense_outs is None:  # the dense block's outputs, before pruning, with
-                # either its linears' inputs recorded (error correction) or statistics accumulated on them
-                # (dense_stats: each linear's statistics then cover its inputs in the dense model *and*, in
-                # the pass below, in the pruned model, over the same calibration windows)
-                collector.record = cfg.error_correction
-                dense_outs = collector.forward_all(block, dense)
-                if cfg.error_correction:
-                    collector.record = False
-                    collector.dense_inputs = collector.recorded
-            if single:
-                outs = run_single_pass(block, inputs, collector, prune_now)
-                if cfg.reconstruct_epochs:
-                    collector.remove()
-                    collector.stats.clear()
-                    loss0, loss1, outs = reconstruct_block(block, linears, inputs, dense_outs, cfg.reconstruct_epochs,
-                                                           cfg.reconstruct_lr, seed=bidx, outputs=outs)
-                    report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
-                result = BlockResult(outputs=outs, dense_outputs=dense_outs)
-            else:  # statistics pass, prune all; the pipeline then runs the pruned block for the outputs,
-                # except with propagate=dense, where the outputs before pruning are the ones to propagate
-                result = None
-                if cfg.propagate == "dense":
-                    result = BlockResult(dense_outputs=collector.forward_all(block, inputs))
-                else:
-                    collector.collect_all(block, inputs)  # stops each batch after the last linear
-                for name in list(collector.order):
-                    prune_now(name)
-        finally:
-            collector.remove()
-        block_entry(bidx, linears, t0)
-        return result
-
+    loop = _PruneLoop(model, targets, method, lambda b, n, m, st: prune_linear(b, n, m, st, sparsities[b]),
+                      cfg=cfg, report=report, block_entry=block_entry, sequential=cfg.sequential,
+                      memory_budget=cfg.memory_budget, device=device, offload=cfg.offload, propagate=cfg.propagate,
+                      batch_size=calib.batch_size, dense_stream=dense_stream, forced=cfg.needs_single_pass(),
+                      two_pass_reason="prune.propagate=dense needs two passes" if cfg.propagate == "dense" else "",
+                      progress=progress, desc=f"prune {cfg.method}", stage="prune")
     t_cal = time.perf_counter()
-    run_sequential(model, calib_ids, process_block, batch_size=calib.batch_size, device=device,
-                   offload=cfg.offload, propagate=cfg.propagate, dense_stream=dense_stream, progress=progress,
-                   desc=f"prune {cfg.method}")
+    report.mode = loop.run(calib_ids)
     report.calib_seconds = time.perf_counter() - t_cal
     return finish()
+
+
+class _PruneLoop(BlockLoop):
+    """The shared block loop plus what pruning adds: the dense stream (regression targets, error
+    correction's dense inputs, statistics on the dense inputs) and block reconstruction."""
+
+    def __init__(self, *args, cfg: PruneConfig, report: PruneReport, block_entry, **kw):
+        super().__init__(*args, **kw)
+        self.cfg, self.report, self.block_entry = cfg, report, block_entry
+
+    def dense_outputs(self, bidx, block, dense):
+        if dense is not None and not (self.cfg.error_correction or self.cfg.dense_stats):
+            return block_outputs(block, dense)  # regression targets only, before any hook exists
+        return None
+
+    def before_block(self, bidx, block, inputs, dense, collector: StatsCollector, dense_outs):
+        if dense is not None and dense_outs is None:  # the dense block's outputs, before pruning, with either
+            # its linears' inputs recorded (error correction) or statistics accumulated on them (dense_stats:
+            # each linear's statistics then cover its inputs in the dense model *and*, in the pass that
+            # follows, in the pruned model, over the same calibration windows)
+            collector.record = self.cfg.error_correction
+            dense_outs = collector.forward_all(block, dense)
+            if self.cfg.error_correction:
+                collector.record = False
+                collector.dense_inputs = collector.recorded
+        return dense_outs
+
+    def after_single_pass(self, bidx, block, inputs, outputs, dense_outputs, collector: StatsCollector):
+        if not self.cfg.reconstruct_epochs:
+            return outputs
+        collector.remove()
+        collector.stats.clear()
+        linears = self.targets.per_block[bidx]
+        loss0, loss1, outputs = reconstruct_block(block, linears, inputs, dense_outputs, self.cfg.reconstruct_epochs,
+                                                  self.cfg.reconstruct_lr, seed=bidx, outputs=outputs)
+        self.report.blocks_reconstruction.append({"block": bidx, "loss_before": loss0, "loss_after": loss1})
+        return outputs
+
+    def after_block(self, bidx, linears, t0):
+        super().after_block(bidx, linears, t0)
+        self.block_entry(bidx, linears, t0)

@@ -1,0 +1,117 @@
+"""Quantization under protocol P1: one process, one configuration at a time, each from a fresh model.
+
+P1: the embedded SmolLM2-135M, fp32, CPU; calibration 32 x 512 tokens of the WikiText-2 validation text
+(reference sampling rule, seed 0); perplexity on the first 40 x 512 tokens of WikiText-2 raw test.
+Rows: ppl, bits per weight of the quantized linears (codes + float32 scales + zero points), the packed
+footprint of the whole model beside fp32, quant seconds and x one dense forward over the calibration
+tokens (measured at the start of the same run), peak RSS.
+
+    python benchmarks/quant_bench.py                     # the full table
+    python benchmarks/quant_bench.py --only gptq_w4_g64_sym,rtn_w4_g64_sym
+    python benchmarks/quant_bench.py --list
+
+The embedded model's weights were Q4_1 (asymmetric 4-bit, groups of 32) before dequantization: a 4-bit
+asymmetric group-32 quantizer recovers them almost exactly. Rows at g32 are flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from compress.config import CalibConfig, ModelConfig, PruneConfig, QuantConfig
+from compress.data import load_calibration
+from compress.evaluate import perplexity
+from compress.models import load_model
+from compress.pruning import prune_model
+from compress.quant.engine import quantize_model
+from compress.quant.stage import dense_forward_seconds, packed_footprint
+from compress.record import PeakMemory
+
+
+def _q(method, bits, group, sym, **kw):
+    return dict(method=method, bits=bits, group_size=group, symmetric=sym, **kw)
+
+
+CONFIGS = {"dense": None,
+           "bnb_int8": dict(method="bnb", bits=8), "bnb_nf4": dict(method="bnb", bits=4)}
+for bits in (8, 4, 3):
+    for group in (64, -1):
+        CONFIGS[f"rtn_w{bits}_{'g64' if group == 64 else 'ch'}_sym"] = _q("rtn", bits, group, True)
+CONFIGS["rtn_w4_g64_asym"] = _q("rtn", 4, 64, False)
+CONFIGS["rtn_w4_g32_asym (Q4_1 origin)"] = _q("rtn", 4, 32, False)
+for bits in (4, 3):
+    for group in (64, -1):
+        for sym in (True, False):
+            CONFIGS[f"gptq_w{bits}_{'g64' if group == 64 else 'ch'}_{'sym' if sym else 'asym'}"] = _q("gptq", bits, group, sym)
+CONFIGS["gptq_w4_g64_asym_actorder_mse"] = _q("gptq", 4, 64, False, act_order=True, mse=True)
+CONFIGS["gptq_w4_g64_asym_mse"] = _q("gptq", 4, 64, False, mse=True)
+CONFIGS["gptq_w4_g32_asym (Q4_1 origin)"] = _q("gptq", 4, 32, False)
+# joint sparsity + quantization
+CONFIGS["sparsegpt_50+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=dict(method="sparsegpt", sparsity=0.5))
+CONFIGS["sparsegpt_2of4+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=dict(method="sparsegpt", pattern="2:4"))
+
+
+def run(name, spec, model_cfg, calib, ids, fwd):
+    model, tok = load_model(model_cfg)
+    row = {"name": name}
+    t0 = time.perf_counter()
+    with PeakMemory("cpu") as pm:
+        if spec is not None:
+            spec = dict(spec)
+            prune = spec.pop("prune", None)
+            pattern = None
+            if prune is not None:
+                r = prune_model(model, tok, PruneConfig(**prune), calib, calib_ids=ids, progress=False)
+                pattern = prune.get("pattern")
+                row["prune_seconds"] = r.seconds
+            t1 = time.perf_counter()
+            model, rep = quantize_model(model, tok, QuantConfig(**spec), calib, calib_ids=ids, pattern=pattern,
+                                        progress=False)
+            row.update(quant_seconds=time.perf_counter() - t1, **rep.summary(), **packed_footprint(model, rep),
+                       check_ok=rep.check["ok"], nm_exact=rep.check.get("nm_exact"))
+    row["seconds"] = time.perf_counter() - t0
+    row["x_dense_forward"] = row.get("quant_seconds", 0.0) / fwd
+    row["peak_rss_mb"] = pm.peak_mb
+    row["ppl"] = perplexity(model, tok, "wikitext2", 512, 40, progress=False)["ppl"]
+    row["flag"] = "Q4_1 origin: g32 asymmetric 4-bit recovers the dequantized weights" if "g32" in name else ""
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/quant_p1.json")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(CONFIGS))
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(CONFIGS)
+    model_cfg = ModelConfig(device="cpu")
+    model, tok = load_model(model_cfg)
+    calib = CalibConfig(nsamples=32, seqlen=512, seed=0)
+    ids, _ = load_calibration(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed)
+    fwd = dense_forward_seconds(model, ids)
+    del model
+    out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__},
+           "protocol": "P1 (SmolLM2-135M fp32 CPU, calibration 32 x 512 seed 0, ppl on 40 x 512 of wiki.test.raw)",
+           "dense_forward_seconds": fwd, "rows": []}
+    print(f"dense forward over the calibration tokens: {fwd:.1f}s", flush=True)
+    for name in names:
+        row = run(name, CONFIGS[name], model_cfg, calib, ids, fwd)
+        out["rows"].append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The block loop every calibration-based method shares: statistics, then compress each linear.
+
+:class:`BlockLoop` walks the decoder blocks with :func:`compress.calibration.runner.run_sequential`.
+In each block it collects the statistics a method declared (``needs_hessian``, ``needs_sqnorm``) on the
+target linears' inputs and calls ``compress_linear(block_index, name, module, stats)`` for each target,
+in forward order, in one of two modes:
+
+* ``two_pass``: one pass collects the statistics of all target linears on the block's inputs (each batch
+  after the first stops once it has fed every target), all are compressed, a second pass produces the
+  block's outputs for the next block (one sample's activations at a time);
+* ``single_pass``: one pass; every sample pauses at each target linear until all have reached it, the
+  linear is compressed, and the samples go on through the compressed linear (so each linear sees the
+  inputs left by the compressed linears before it: GPTQ's "true sequential", SparseGPT's sequential
+  mode; about half the time, but every sample waits inside the block).
+
+``sequential="auto"`` decides on the first block from the memory estimate of
+:mod:`compress.calibration.memory`: the single pass when it fits ``memory_budget`` x the free memory of
+the device holding the activations. Pruning (dense stream, block reconstruction) and quantization add
+their own steps through the ``before_block`` / ``after_single_pass`` hooks; nothing here knows a method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from compress.calibration.blocks import BlockInputs
+from compress.calibration.memory import LinearShape, MiB, estimate_peaks, free_memory_bytes, probe_linears
+from compress.calibration.runner import BlockResult, run_sequential
+from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
+from compress.calibration.targets import Targets
+
+log = logging.getLogger(__name__)
+
+CompressFn = Callable[[int, str, nn.Module, Optional[InputStats]], None]
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def decide_mode(sequential: str, memory_budget: float, method, shapes: List[LinearShape], inputs: BlockInputs,
+                model: nn.Module, device, dense_stream: bool = False, forced: str = "",
+                two_pass_reason: str = "") -> Dict:
+    """Single pass or two passes, and why (see the module docstring). ``forced``: an option that needs
+    the single pass; ``two_pass_reason``: one that needs two passes."""
+    hidden = inputs.hidden[0].shape[-1]
+    est = estimate_peaks(shapes, hidden, inputs.ntokens(), inputs.hidden[0].shape[0] * inputs.hidden[0].shape[1],
+                         inputs.hidden[0].element_size(), method.needs_hessian, method.work_floats,
+                         dense_stream=dense_stream, intermediate=getattr(_text_config(model), "intermediate_size", None))
+    free = free_memory_bytes(device)
+    budget = free * float(memory_budget) if free is not None else None
+    info = {"requested": sequential, "estimate": est.to_dict(), "device": str(device),
+            "free_mb": round(free / MiB, 1) if free is not None else None,
+            "memory_budget": float(memory_budget), "budget_mb": round(budget / MiB, 1) if budget else None}
+    if sequential == "true":
+        chosen, why = "single_pass", "sequential=true"
+    elif sequential == "false":
+        chosen, why = "two_pass", "sequential=false"
+    elif forced:
+        chosen, why = "single_pass", f"{forced} needs the single pass"
+    elif two_pass_reason:
+        chosen, why = "two_pass", two_pass_reason
+    elif budget is None:
+        chosen, why = "single_pass", "free memory unknown"
+    elif est.single_pass_bytes <= budget:
+        chosen, why = "single_pass", "the single pass fits the budget"
+    else:
+        chosen, why = "two_pass", "the single pass would exceed the budget"
+    info.update(chosen=chosen, reason=why)
+    if chosen == "single_pass" and budget is not None and est.single_pass_bytes > budget:
+        log.warning("the single pass needs about %.0f MiB on %s beyond the model, over the budget of %.0f MiB "
+                    "(%.2f of %.0f MiB free); sequential=false needs about %.0f MiB.", est.single_pass_bytes / MiB,
+                    device, budget / MiB, memory_budget, free / MiB, est.two_pass_bytes / MiB)
+    return info
+
+
+def mode_line(info: Dict, stage: str = "") -> str:
+    e = info["estimate"]
+    budget = (f"{info['budget_mb']:.0f} MiB ({info['memory_budget']:g} of {info['free_mb']:.0f} MiB free on "
+              f"{info['device']})") if info.get("budget_mb") else "unknown"
+    return (f"{stage + ' ' if stage else ''}mode: {info['chosen']} ({info['reason']}); estimated peak beyond the model: "
+            f"single pass {e['single_pass_mb']:.0f} MiB, two passes {e['two_pass_mb']:.0f} MiB; budget {budget}")
+
+
+class BlockLoop:
+    """One calibration walk over the decoder blocks (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, targets: Targets, method, compress_linear: CompressFn, *,
+                 sequential: str = "auto", memory_budget: float = 0.5, device=None, offload: bool = False,
+                 propagate: str = "pruned", batch_size: int = 1, dense_stream: bool = False, forced: str = "",
+                 two_pass_reason: str = "", progress: bool = True, desc: str = "calibrate", stage: str = ""):
+        self.model, self.targets, self.method, self.compress_linear = model, targets, method, compress_linear
+        self.sequential, self.memory_budget = sequential, memory_budget
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.offload, self.propagate, self.batch_size = offload, propagate, batch_size
+        self.dense_stream, self.forced, self.two_pass_reason = dense_stream, forced, two_pass_reason
+        self.progress, self.desc, self.stage = progress, desc, stage
+        self.mode: Dict = {}
+        self.block_seconds: List[float] = []
+        self._probes: Dict[tuple, List[LinearShape]] = {}
+
+    # -- hooks for what a stage adds around the plain loop
+    def dense_outputs(self, bidx: int, block: nn.Module, dense: Optional[BlockInputs]) -> Optional[List[torch.Tensor]]:
+        """Runs first in each block, before any statistics hook exists (e.g. regression targets)."""
+        return None
+
+    def before_block(self, bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs],
+                     collector: StatsCollector, dense_outs) -> Optional[List[torch.Tensor]]:
+        """Runs next, hooks live; returns the dense stream's outputs when one is carried."""
+        return dense_outs
+
+    def after_single_pass(self, bidx: int, block: nn.Module, inputs: BlockInputs, outputs: List[torch.Tensor],
+                          dense_outputs, collector: StatsCollector) -> List[torch.Tensor]:
+        return outputs
+
+    def after_block(self, bidx: int, linears: Dict[str, nn.Module], t0: float) -> None:
+        self.block_seconds.append(time.perf_counter() - t0)
+
+    # -- the loop
+    def run(self, calib_ids: torch.Tensor) -> Dict:
+        run_sequential(self.model, calib_ids, self.process_block, batch_size=self.batch_size, device=self.device,
+                       offload=self.offload, propagate=self.propagate, dense_stream=self.dense_stream,
+                       progress=self.progress, desc=self.desc)
+        return self.mode
+
+    def process_block(self, bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
+        t0 = time.perf_counter()
+        linears = self.targets.per_block[bidx]
+        key = tuple(linears)
+        if key not in self._probes:  # blocks of one class share the structure: probed once (one batch)
+            self._probes[key] = probe_linears(block, inputs, linears)
+        shapes = self._probes[key]
+        if not self.mode:  # decided once, on the first block
+            self.mode = decide_mode(self.sequential, self.memory_budget, self.method, shapes, inputs, self.model,
+                                    self.device, self.dense_stream, self.forced, self.two_pass_reason)
+            if self.progress:
+                print(mode_line(self.mode, self.stage))
+        dense_outs = self.dense_outputs(bidx, block, dense)
+        collector = StatsCollector(linears, self.method.needs_hessian, self.method.needs_sqnorm, self.device,
+                                   groups={s.name: s.group for s in shapes})
+
+        def compress_now(name):
+            self.compress_linear(bidx, name, linears[name], collector.stats[name])
+            collector.release(name)  # its Hessian is freed after its last user
+
+        try:
+            dense_outs = self.before_block(bidx, block, inputs, dense, collector, dense_outs)
+            if self.mode["chosen"] == "single_pass":
+                outs = run_single_pass(block, inputs, collector, compress_now)
+                outs = self.after_single_pass(bidx, block, inputs, outs, dense_outs, collector)
+                result = BlockResult(outputs=outs, dense_outputs=dense_outs)
+            else:  # statistics pass, compress all; the pipeline then runs the block for the outputs,
+                # except with propagate=dense, where the outputs before compression are the ones to propagate
+                result = None
+                if self.propagate == "dense":
+                    result = BlockResult(dense_outputs=collector.forward_all(block, inputs))
+                else:
+                    collector.collect_all(block, inputs)  # stops each batch after the last linear
+                for name in list(collector.order):
+                    compress_now(name)
+        finally:
+            collector.remove()
+        self.after_block(bidx, linears, t0)
+        return result

@@ -1,0 +1,90 @@
+"""The ``quant`` stage of an experiment: quantize, check, report what it costs and buys."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+import torch
+
+from compress.errors import ShortfallError
+
+
+@torch.no_grad()
+def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int = 1) -> float:
+    """One forward of the model over the calibration tokens: the yardstick every time is divided by."""
+    t = time.perf_counter()
+    for i in range(0, ids.shape[0], batch_size):
+        model(input_ids=ids[i:i + batch_size].to(next(model.parameters()).device), use_cache=False)
+    return time.perf_counter() - t
+
+
+def packed_footprint(model, report) -> Dict:
+    """Bytes of the model as stored: quantized linears at their bits per weight (codes, scales, zero
+    points), every other tensor at its own size; beside the same model in fp32."""
+    quantized = {m["name"]: m for m in report.modules}
+    from compress.calibration import resolve_targets
+
+    flat = resolve_targets(model).flat() if report.method != "bnb" else {}
+    qids = {id(flat[n].weight) for n in quantized if n in flat}
+    seen, fp32, stored, qparams = set(), 0, 0.0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        fp32 += p.numel() * 4
+        if id(p) not in qids:
+            stored += p.numel() * p.element_size()
+    for m in report.modules:
+        qparams += m["numel"]
+        stored += m["numel"] * m["bits_per_weight"] / 8
+        if report.method == "bnb":
+            fp32 += 0  # bnb weights are not model.parameters() of float size: counted below
+    if report.method == "bnb":
+        stored = float(model.get_memory_footprint())
+        fp32 = None
+    return {"footprint_packed_mb": stored / 2**20, "footprint_fp32_mb": fp32 / 2**20 if fp32 else None,
+            "quantized_params": qparams,
+            "bits_per_weight_model": (stored * 8 / sum(p.numel() for p in _unique(model))) if report.method != "bnb" else None}
+
+
+def _unique(model):
+    seen = set()
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            yield p
+
+
+def quant_stage(ctx, info: Dict):
+    from compress.data import load_calibration
+    from compress.quant.engine import quantize_model
+
+    cfg, calib = ctx.cfg.quant, ctx.cfg.calib
+    pattern = ctx.cfg.prune.pattern if ctx.cfg.prune.method != "none" else None
+    ids, cal_info = load_calibration(ctx.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                     calib.text_field)
+    fwd = dense_forward_seconds(ctx.model, ids, calib.batch_size)
+    info["forward_seconds"] = round(fwd, 3)  # the yardstick: this model's forward over the calibration tokens
+    t0 = time.perf_counter()
+    try:
+        model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
+                                       pattern=pattern)
+    except ShortfallError as e:
+        if e.report is not None:
+            ctx.record.data["quant_report"] = e.report.to_dict()
+            info["check"] = e.report.check
+        raise
+    seconds = time.perf_counter() - t0
+    report.calibration = cal_info if report.mode.get("chosen") in ("single_pass", "two_pass") else {}
+    sizes = packed_footprint(model, report)
+    info.update(report.summary())
+    info.update(sizes, x_forward=round(seconds / fwd, 3), check=report.check)
+    ctx.record.data["quant_report"] = report.to_dict()
+    ctx.record.data["metrics"].update({k: v for k, v in sizes.items() if v is not None})
+    ctx.record.data["metrics"]["bits_per_weight"] = report.summary()["bits_per_weight_quantized"]
+    ctx.record.data["metrics"]["quant_check"] = report.check
+    ctx.record.save()
+    ctx.artifacts["quant_report"] = report
+    print(report.table())
+    return model

@@ -1,0 +1,211 @@
+"""The quant stage on tiny models: RTN, GPTQ and bitsandbytes on the in-memory (possibly pruned) model,
+zeros and N:M kept, saved checkpoints that stock ``from_pretrained`` reloads in a process that never
+imports compress, the stage order, the group-size check before loading, compare's dense baseline."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compress.calibration import resolve_targets, weight_matrix
+from compress.config import CalibConfig, Config, ConfigError, EvalConfig, PruneConfig, QuantConfig, TrainConfig
+from compress.pruning import check_nm, prune_model
+from compress.quant.engine import quantize_model
+
+from .conftest import _tiny, byte_tokenizer, save_tiny
+
+SMALL = ["calib.nsamples=4", "calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=2"]
+
+
+def _ids(n=8, seqlen=32, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3"])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_selected_linear_is_on_its_grid(tiny_model, family, method):
+    model = tiny_model(family)
+    ref = _logits(model, _ids(2))
+    model, rep = quantize_model(model, None, QuantConfig(method=method, bits=4, group_size=32), calib_ids=_ids(),
+                                progress=False)
+    flat = resolve_targets(model).flat()
+    assert len(rep.modules) == len(flat) and len(rep.params) == len(flat)
+    for (name, mod), full in zip(flat.items(), resolve_targets(model).qualified_names()):
+        w = weight_matrix(mod)
+        scale, zero = rep.params[full]
+        s = scale.repeat_interleave(32, 1)
+        q = torch.round(w / s)
+        assert torch.equal(q * s, w), name  # symmetric: w = q * scale exactly
+        assert q.abs().max() <= 8
+    assert rep.summary()["bits_per_weight_quantized"] == pytest.approx(4 + 32 / 32)
+    rel = float((_logits(model, _ids(2)) - ref).norm() / ref.norm())
+    assert 0 < rel < 0.5
+
+
+def test_gptq_beats_rtn_on_a_tiny_model(tiny_model):
+    ids = _ids(16, 32)
+    out = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_model("llama", seed=3)
+        ref = _logits(model, ids)
+        model, _ = quantize_model(model, None, QuantConfig(method=method, bits=3, group_size=32), calib_ids=ids,
+                                  progress=False)
+        out[method] = float((_logits(model, ids) - ref).norm() / ref.norm())
+    assert out["gptq"] < out["rtn"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "bnb4", "bnb8"])
+def test_zeros_and_nm_survive_quantization(tiny_model, method):
+    """SparseGPT 2:4, then each quantizer: every pruned weight still exactly zero and every group of 4 with at
+    most 2 non-zeros, in the quantized weights (dequantized for bitsandbytes); the stage's own check agrees."""
+    model = tiny_model("llama")
+    prune_model(model, None, PruneConfig(method="sparsegpt", pattern="2:4", blocksize=32), calib_ids=_ids(),
+                progress=False)
+    zeros = {n: weight_matrix(m) == 0 for n, m in resolve_targets(model).flat().items()}
+    cfg = (QuantConfig(method="bnb", bits=int(method[3])) if method.startswith("bnb")
+           else QuantConfig(method=method, bits=4, group_size=32, symmetric=False))
+    model, rep = quantize_model(model, None, cfg, calib_ids=_ids(), pattern="2:4", progress=False)
+    assert rep.check["ok"] and rep.check["nm_exact"] and rep.check["modules_with_zeros"] == len(zeros)
+    if method.startswith("bnb"):
+        from compress.quant.bnb import dequantized_weight
+
+        names = resolve_targets(_tiny("llama")).qualified_names()
+        weights = dict(zip(zeros, (dequantized_weight(model.get_submodule(n)) for n in names)))
+    else:
+        weights = {n: weight_matrix(m) for n, m in resolve_targets(model).flat().items()}
+    for n, z in zeros.items():
+        assert bool((weights[n][z] == 0).all()), n
+        assert check_nm(weights[n], 2, 4), n
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.05), (4, 0.25)])
+def test_bnb_forward_matches_fp32(tiny_model, bits, tol):
+    import bitsandbytes as bnb
+
+    model = tiny_model("llama", seed=2)
+    ids = _ids(2)
+    ref = _logits(model, ids)
+    q, rep = quantize_model(model, None, QuantConfig(method="bnb", bits=bits), progress=False)
+    kinds = {type(m) for m in q.modules() if isinstance(m, torch.nn.Linear)}
+    assert (bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit) in kinds
+    assert type(q.lm_head) is torch.nn.Linear  # only the selected (block) linears
+    rel = float((_logits(q, ids) - ref).norm() / ref.norm())
+    assert 0 < rel < tol
+
+
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+d, ids = sys.argv[1], json.loads(sys.argv[2])
+m = AutoModelForCausalLM.from_pretrained(d)
+with torch.no_grad():
+    logits = m(torch.tensor(ids), use_cache=False).logits.float()
+torch.save({"logits": logits, "weights": {n: p.detach().float() for n, p in m.named_parameters() if "layers" in n}},
+           sys.argv[3])
+assert not any(k == "compress" or k.startswith("compress.") for k in sys.modules), "compress was imported"
+"""
+
+
+def _reload(d, ids, tmp_path):
+    out = tmp_path / "reloaded.pt"
+    p = subprocess.run([sys.executable, "-c", RELOAD, str(d), json.dumps(ids.tolist()), str(out)], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_compressed_tensors_save_and_stock_reload(tmp_path, symmetric, bits):
+    """SparseGPT 50% + GPTQ through the experiment, saved as compressed-tensors pack-quantized: a process
+    that imports only transformers and torch reloads it; weights equal the in-memory ones exactly, logits
+    equal, zero counts identical (and recorded in the sidecar)."""
+    from compress import experiment
+
+    model = _tiny("llama", vocab=260)
+    cfg = Config(prune=PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32),
+                 quant=QuantConfig(method="gptq", bits=bits, group_size=32, symmetric=symmetric),
+                 calib=CalibConfig(nsamples=4, seqlen=32), eval=EvalConfig(seqlen=32, max_windows=2))
+    cfg.output.save_model = True
+    data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
+    assert data["status"] == "ok" and [s["name"] for s in data["stages"]][:3] == ["load", "prune", "quant"]
+    d = tmp_path / "run" / "model"
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert not [p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
+    ids = _ids(2, 16)
+    got = _reload(d, ids, tmp_path)
+    mine = {n: p.detach().float() for n, p in model.named_parameters() if "layers" in n}
+    for n, w in mine.items():
+        assert torch.equal(got["weights"][n], w), n
+    assert torch.allclose(got["logits"], _logits(model, ids), atol=1e-5, rtol=0)
+    side = json.loads((d / "compress_sparsity.json").read_text())
+    assert side["zeros"] == sum(int((w == 0).sum()) for n, w in mine.items() if "proj" in n)
+    assert data["metrics"]["quant_check"]["zeros_kept"] is True
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bnb_save_and_stock_reload(tmp_path, bits):
+    from compress import experiment
+
+    model = _tiny("llama", vocab=260)
+    cfg = Config(quant=QuantConfig(method="bnb", bits=bits), eval=EvalConfig(seqlen=32, max_windows=2))
+    cfg.output.save_model = True
+    data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
+    assert data["status"] == "ok"
+    d = tmp_path / "run" / "model"
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    ids = _ids(2, 16)
+    got = _reload(d, ids, tmp_path)
+    assert data["metrics"]["ppl"]["wikitext2"] > 1
+    assert torch.isfinite(got["logits"]).all()
+
+
+def test_stage_order_is_configurable_and_validated():
+    cfg = Config(prune=PruneConfig(method="wanda"), quant=QuantConfig(method="gptq"), train=TrainConfig(method="lora"),
+                 stages=["prune", "quant", "train"])
+    assert cfg.stages == ["prune", "quant", "train"]
+    with pytest.raises(ConfigError, match="stages"):
+        Config(stages=["prune", "prune"])
+    with pytest.raises(ConfigError, match="stages"):
+        Config(stages=["prune", "quantize"])
+    with pytest.raises(ConfigError, match="leaves the quant stage out"):
+        Config(quant=QuantConfig(method="rtn"), stages=["prune", "train"])
+    with pytest.raises(ConfigError, match="off the grid"):
+        Config(quant=QuantConfig(method="rtn"), train=TrainConfig(method="full"), stages=["quant", "train"])
+
+
+def test_group_size_that_does_not_divide_is_refused_before_the_model_loads(tmp_path):
+    """Tiny Llama widths are 64 (q/k/v/o/gate/up inputs) and 128 (down): group 48 is refused at once,
+    naming the modules and the sizes that would work, before any weight is read."""
+    ckpt = save_tiny("llama", tmp_path / "llama")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "compress", "model=hf", f"model.name={ckpt}", "quant=gptq",
+                        "quant.group_size=48", *SMALL, f"hydra.run.dir={out}"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "quant.group_size=48" in p.stderr and "self_attn.q_proj (64)" in p.stderr and "[16, 32, 64]" in p.stderr
+    assert not (out / "results.json").exists()  # nothing ran
+
+
+def test_compare_does_not_take_a_quant_only_run_as_the_dense_baseline():
+    from compress import compare
+
+    proto = {"wikitext2": {"sha256": "ab", "seqlen": 512, "windows": 4, "bos": False}}
+
+    def run(prune, quant, ppl):
+        return {"status": "ok", "config": {"prune": {"method": prune}, "quant": {"method": quant, "bits": 4,
+                                                                                  "group_size": 64, "symmetric": True}},
+                "metrics": {"ppl": {"wikitext2": ppl}}, "protocol": proto, "stages": [], "_dir": f"{prune}-{quant}"}
+
+    rows = compare.rows_from_runs([run("none", "gptq", 31.0), run("none", "none", 28.7), run("wanda", "none", 60.0)])
+    dense = [r for r in rows if r["dense"]]
+    assert len(dense) == 1 and dense[0]["ppl"] == 28.7
+    gptq = [r for r in rows if r["quant"].startswith("gptq")][0]
+    assert gptq["recipe"] == "gptq" and gptq["delta_vs_dense"] == pytest.approx(2.3)
