@@ -73,8 +73,9 @@ def run(name, spec, model_cfg, calib, ids, fwd):
             t1 = time.perf_counter()
             model, rep = quantize_model(model, tok, QuantConfig(**spec), calib, calib_ids=ids, pattern=pattern,
                                         progress=False)
-            row.update(quant_seconds=time.perf_counter() - t1, **rep.summary(), **packed_footprint(model, rep),
-                       check_ok=rep.check["ok"], nm_exact=rep.check.get("nm_exact"))
+            row.update(rep.summary())
+            row.update(packed_footprint(model, rep), quant_seconds=time.perf_counter() - t1, check_ok=rep.check["ok"],
+                       nm_exact=rep.check.get("nm_exact"), mode=rep.mode.get("chosen"))
     row["seconds"] = time.perf_counter() - t0
     row["x_dense_forward"] = row.get("quant_seconds", 0.0) / fwd
     row["peak_rss_mb"] = pm.peak_mb

@@ -166,3 +166,22 @@ def test_static_groups_cover_each_groups_own_columns():
     spec = GridSpec(4, True, 32)
     s, _ = fit_groups(w, spec)
     assert torch.allclose(s[:, 1], w[:, 32:64].abs().amax(1) / 7.5)
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_damped_factor_is_bitwise_the_reference_computation(dead):
+    """The factor equals, bit for bit, the reference code's (clone H, dead diagonal to 1, damping from the
+    mean of the diagonal view, H + damp I, flip, Cholesky, triangular inverse): P1 figures depend on it."""
+    x, _ = _data(cols=96, tokens=500, seed=4)
+    if dead:
+        x[:, 5] = 0
+    H = x.t() @ x
+    ref = H.clone()
+    d = torch.diagonal(ref) == 0
+    ref[d, d] = 1
+    damp = 0.01 * torch.diagonal(ref).mean()
+    eye = torch.eye(96)
+    L = torch.linalg.cholesky((ref + eye * damp).flip(0, 1))
+    expected = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    U, info = damped_inverse_cholesky(H, 0.01)
+    assert torch.equal(U, expected) and info.dead_inputs == int(dead)

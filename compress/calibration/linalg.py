@@ -47,20 +47,25 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "
     if damp_mode not in ("mean", "median"):
         raise ValueError(f"damp_mode={damp_mode!r}: expected 'mean' or 'median'")
     n = H.shape[0]
-    diag = torch.diagonal(H).float()
-    dead = diag == 0
-    diag = torch.where(dead, torch.ones_like(diag), diag)
+    dead = torch.diagonal(H) == 0
+    # the mean (or median) of the diagonal as a strided view of the matrix, as the reference code takes it: a
+    # contiguous copy sums in another order, and the last bit of the damping moves masks downstream
+    src = H.float()
+    if bool(dead.any()):
+        src = src.clone()
+        src[dead, dead] = 1
+    diag = torch.diagonal(src)
     base = percdamp * (diag.mean() if damp_mode == "mean" else diag.median())  # median: robust to massive activations
     for attempt in range(MAX_ATTEMPTS):
         damp = base * (10 ** attempt)
         Hd = H.float().flip(0, 1)  # a copy
-        Hd.diagonal().copy_((diag + damp).flip(0))
+        Hd.diagonal().copy_((diag + damp).flip(0))  # H_ii + damp, as (H + damp I) computes it
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if int(info) == 0:
             eye = torch.eye(n, dtype=L.dtype, device=L.device)
             U = torch.linalg.solve_triangular(L, eye, upper=False)
-            del L, eye
+            del L, eye, src
             return U.flip(0, 1), Damping(float(percdamp), float(percdamp) * 10 ** attempt, float(damp), attempt,
                                          int(dead.sum()))
         del L
