@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = {  # name -> (modifier class name, kwargs)
+CONFIGS = {  # name -> (modifier class name, kwargs); quantization rows: symmetric int weights, lm_head kept
+    "gptq_w4_g64": ("GPTQModifier", dict(bits=4, group=64, block_size=128, dampening_frac=0.01)),
+    "gptq_w4_ch": ("GPTQModifier", dict(bits=4, group=-1, block_size=128, dampening_frac=0.01)),
+    "gptq_w3_g64": ("GPTQModifier", dict(bits=3, group=64, block_size=128, dampening_frac=0.01)),
+    "rtn_w4_g64": ("QuantizationModifier", dict(bits=4, group=64)),
+    "rtn_w4_ch": ("QuantizationModifier", dict(bits=4, group=-1)),
+    "rtn_w8_ch": ("QuantizationModifier", dict(bits=8, group=-1)),
     "wanda_50": ("WandaPruningModifier", dict(sparsity=0.5, mask_structure="0:0")),
     "sparsegpt_50": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)),
     "sparsegpt_2of4": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="2:4", block_size=128, dampening_frac=0.01)),
@@ -46,6 +52,7 @@ def main(argv=None) -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compress.data import load_calibration
@@ -53,7 +60,16 @@ def main(argv=None) -> int:
     from compress.models import embedded_checkpoint
     from compress.pruning.masks import check_nm
 
-    classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier}
+    classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier,
+               "GPTQModifier": GPTQModifier, "QuantizationModifier": QuantizationModifier}
+
+    def quant_modifier(cls, bits, group, **kw):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        args = (QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel") if group == -1 else
+                QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group))
+        scheme = QuantizationScheme(targets=["Linear"], weights=args)
+        return classes[cls](config_groups={"group_0": scheme}, ignore=["lm_head"], **kw)
     path = embedded_checkpoint()
     tok = AutoTokenizer.from_pretrained(path)
 
@@ -76,18 +92,22 @@ def main(argv=None) -> int:
     for name in [n for n in args.only.split(",") if n]:
         cls, kw = CONFIGS[name]
         model = fresh()
-        modifier = classes[cls](targets=["Linear"], ignore=["re:.*lm_head"], **kw)
+        if "bits" in kw:
+            modifier = quant_modifier(cls, **kw)
+        else:
+            modifier = classes[cls](targets=["Linear"], ignore=["re:.*lm_head"], **kw)
         t0 = time.perf_counter()
         oneshot(model=model, tokenizer=tok, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0],
                 max_seq_length=ids.shape[1], pipeline="sequential", shuffle_calibration_samples=False)
         secs = time.perf_counter() - t0
         ppl = perplexity(model, tok, progress=False)["ppl"]
         nm_ok = None
-        if kw["mask_structure"] == "2:4":
+        if kw.get("mask_structure") == "2:4":
             nm_ok = all(check_nm(m.weight, 2, 4) for n_, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and "lm_head" not in n_)
-        row = {"name": name, "ppl": ppl, "prune_seconds": secs, "x_dense_forward": secs / fwd,
-               "sparsity": size_metrics(model)["sparsity"], "nm_exact": nm_ok}
+        row = {"name": name, "ppl": ppl, "seconds": secs, "x_dense_forward": secs / fwd, "nm_exact": nm_ok}
+        if "bits" not in kw:
+            row["sparsity"] = size_metrics(model)["sparsity"]
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,7 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
             q = fake_quant(w.unsqueeze(1), scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1],
                            quant.bits).squeeze(1)
             if keep_t is not None:
-                q = q.masked_fill(~keep_t[c], 0)
+                q = torch.where(keep_t[c], q, 0.0)
             torch.sub(w, q, out=e_rows[i]).div_(d_list[i])
             W1[i:].addr_(U1[i, i:], e_rows[i], alpha=-1)
             W1[i] = q

@@ -63,7 +63,7 @@ class Magnitude(PruningMethod):
     def prune_weight(self, weight, stats, sparsity, nm):
         w = weight.float()
         mask = make_mask(w.abs(), sparsity, nm, per_row=False)
-        return w.masked_fill(~mask, 0)
+        return torch.where(mask, w, 0.0)
 
 
 @register
@@ -82,7 +82,7 @@ class Wanda(PruningMethod):
         scores = w.abs().mul_(stats.sqnorm.sqrt().unsqueeze(0))
         mask = make_mask(scores, sparsity, nm, per_row=True)
         del scores
-        return w.masked_fill(~mask, 0)
+        return torch.where(mask, w, 0.0)  # no float copy of the mask (w * mask would make one)
 
 
 @torch.no_grad()
