@@ -30,7 +30,7 @@ from compress.evaluate import perplexity
 from compress.models import load_model
 from compress.pruning import prune_model
 from compress.quant.engine import quantize_model
-from compress.quant.stage import dense_forward_seconds, packed_footprint
+from compress.quant.stage import check_joint, dense_forward_seconds, packed_footprint
 from compress.record import PeakMemory
 
 
@@ -52,33 +52,110 @@ for bits in (4, 3):
 CONFIGS["gptq_w4_g64_asym_actorder_mse"] = _q("gptq", 4, 64, False, act_order=True, mse=True)
 CONFIGS["gptq_w4_g64_asym_mse"] = _q("gptq", 4, 64, False, mse=True)
 CONFIGS["gptq_w4_g32_asym (Q4_1 origin)"] = _q("gptq", 4, 32, False)
-# joint sparsity + quantization
-CONFIGS["sparsegpt_50+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=dict(method="sparsegpt", sparsity=0.5))
-CONFIGS["sparsegpt_2of4+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=dict(method="sparsegpt", pattern="2:4"))
+# the peer's setting: llm-compressor's GPTQModifier orders columns by activation ("static") by default
+for bits, group in ((4, 64), (4, -1), (3, 64), (3, -1)):
+    CONFIGS[f"gptq_w{bits}_{'g64' if group == 64 else 'ch'}_sym_actorder"] = _q("gptq", bits, group, True, act_order=True)
+CONFIGS["gptq_w4_g64_asym_actorder"] = _q("gptq", 4, 64, False, act_order=True)
+CONFIGS["gptq_w4_ch_asym_actorder"] = _q("gptq", 4, -1, False, act_order=True)
+# joint sparsity + quantization: two passes (SparseGPT, then GPTQ with the zeros held) and one pass (mask
+# and grid in the same column loop); the best_* recipes' pruning, then GPTQ (one pass: no reconstruction,
+# which would move the quantized weights off their grid)
+SGPT50, SGPT24 = dict(method="sparsegpt", sparsity=0.5), dict(method="sparsegpt", pattern="2:4")
+BEST50 = dict(method="sparsegpt", sparsity=0.5, sequential="true", reconstruct_epochs=2, reconstruct_lr=1e-4,
+              dense_stats=True)
+BEST24 = dict(method="sparsegpt", pattern="2:4", sequential="true", reconstruct_epochs=3, reconstruct_lr=1e-4,
+              dense_stats=True)
+for label, prune in (("sparsegpt_50", SGPT50), ("sparsegpt_2of4", SGPT24), ("best_unstructured_50", BEST50),
+                     ("best_2of4", BEST24)):
+    CONFIGS[f"{label}+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=prune)
+    one = dict(prune, reconstruct_epochs=0) if "reconstruct_epochs" in prune else prune
+    CONFIGS[f"{label}+gptq_w4_g64 (one pass)"] = dict(_q("gptq", 4, 64, True, joint=True), prune=one)
 
 
-def run(name, spec, model_cfg, calib, ids, fwd):
+RELOAD = r"""
+import hashlib, json, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+m(input_ids=torch.zeros(1, 4, dtype=torch.long))  # compressed-tensors decompresses on the first forward
+out = {}
+for n, mod in m.named_modules():
+    if isinstance(mod, torch.nn.Linear) and ".layers." in n:
+        w = mod.weight.detach().float().contiguous()
+        nm = None
+        if w.shape[1] % 4 == 0:
+            nm = bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+        out[n] = {"sha": hashlib.sha256(w.numpy().tobytes()).hexdigest(), "zeros": int((w == 0).sum()), "nm24": nm}
+print(json.dumps(out))
+"""
+
+
+def reload_check(model, rep, qcfg, tok, pattern):
+    """Save as compressed-tensors, reload in a process that imports only torch and transformers: every
+    quantized weight bitwise equal, zero counts identical, N:M intact."""
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+
+    from compress.calibration import resolve_targets, weight_matrix
+    from compress.quant.export import save_compressed_tensors, sparsity_sidecar
+    from compress.quant.grid import GridSpec
+
+    spec = GridSpec(qcfg.bits, qcfg.symmetric, qcfg.group_size)
+    flat = resolve_targets(model)
+    weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
+    with tempfile.TemporaryDirectory() as d:
+        save_compressed_tensors(model, d, rep.params, spec, tok, sidecar=sparsity_sidecar(weights, pattern))
+        p = subprocess.run([sys.executable, "-c", RELOAD, d], capture_output=True, text=True, timeout=900, cwd=d)
+    if p.returncode:
+        return {"reload_ok": False, "error": p.stderr[-500:]}
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    equal = all(got[n]["sha"] == hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest()
+                for n, w in weights.items())
+    zeros_equal = all(got[n]["zeros"] == int((w == 0).sum()) for n, w in weights.items())
+    nm = all(v["nm24"] for v in got.values()) if pattern == "2:4" else None
+    return {"reload_ok": equal and zeros_equal and nm is not False, "reload_weights_equal": equal,
+            "reload_zeros_equal": zeros_equal, "reload_nm_exact": nm,
+            "reload_zeros": sum(v["zeros"] for v in got.values())}
+
+
+def run(name, spec, model_cfg, calib, ids, fwd, reload=False):
     model, tok = load_model(model_cfg)
     row = {"name": name}
+    prune = qcfg = rep = pattern = None
+    eval_s = 0.0
     t0 = time.perf_counter()
     with PeakMemory("cpu") as pm:
         if spec is not None:
             spec = dict(spec)
             prune = spec.pop("prune", None)
             pattern = None
+            qcfg = QuantConfig(**spec)
             if prune is not None:
-                r = prune_model(model, tok, PruneConfig(**prune), calib, calib_ids=ids, progress=False)
+                t1 = time.perf_counter()
+                r = prune_model(model, tok, PruneConfig(**prune), calib, calib_ids=ids, progress=False,
+                                quant=qcfg if qcfg.joint else None)
                 pattern = prune.get("pattern")
                 row["prune_seconds"] = r.seconds
-            t1 = time.perf_counter()
-            model, rep = quantize_model(model, tok, QuantConfig(**spec), calib, calib_ids=ids, pattern=pattern,
-                                        progress=False)
+                row["sparsity"] = r.achieved()
+                if not qcfg.joint:  # the pruned model's own ppl (its seconds are taken out of the total)
+                    te = time.perf_counter()
+                    row["ppl_pruned"] = perplexity(model, tok, "wikitext2", 512, 40, progress=False)["ppl"]
+                    eval_s = time.perf_counter() - te
+            if qcfg.joint:
+                rep = r.joint_quant
+                check_joint(model, rep, qcfg, pattern)
+            else:
+                t1 = time.perf_counter()
+                model, rep = quantize_model(model, tok, qcfg, calib, calib_ids=ids, pattern=pattern, progress=False)
             row.update(rep.summary())
             row.update(packed_footprint(model, rep), quant_seconds=time.perf_counter() - t1, check_ok=rep.check["ok"],
                        nm_exact=rep.check.get("nm_exact"), mode=rep.mode.get("chosen"))
-    row["seconds"] = time.perf_counter() - t0
+    row["seconds"] = time.perf_counter() - t0 - eval_s
     row["x_dense_forward"] = row.get("quant_seconds", 0.0) / fwd
     row["peak_rss_mb"] = pm.peak_mb
+    if reload and spec is not None and prune is not None and qcfg.method in ("rtn", "gptq"):
+        row.update(reload_check(model, rep, qcfg, tok, pattern))  # after the timings
     row["ppl"] = perplexity(model, tok, "wikitext2", 512, 40, progress=False)["ppl"]
     row["flag"] = "Q4_1 origin: g32 asymmetric 4-bit recovers the dequantized weights" if "g32" in name else ""
     return row
@@ -88,6 +165,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--reload", action="store_true", help="rows with a prune stage: save, reload with stock "
+                    "transformers in a fresh process, check weights, zeros and N:M")
     ap.add_argument("--out", default="benchmarks/results/quant_p1.json")
     args = ap.parse_args(argv)
     if args.list:
@@ -106,7 +185,7 @@ def main(argv=None):
            "dense_forward_seconds": fwd, "rows": []}
     print(f"dense forward over the calibration tokens: {fwd:.1f}s", flush=True)
     for name in names:
-        row = run(name, CONFIGS[name], model_cfg, calib, ids, fwd)
+        row = run(name, CONFIGS[name], model_cfg, calib, ids, fwd, args.reload)
         out["rows"].append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,10 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
         dense = all((cfg.get(s) or {}).get("method", "none") == "none" for s in ("prune", "train", "quant"))
         qlabel = "-" if qm == "none" else (f"{qm} w{quant.get('bits')}" + (
             "" if qm == "bnb" else f" {'g' + str(quant.get('group_size')) if quant.get('group_size', -1) != -1 else 'ch'}"
-            f" {'sym' if quant.get('symmetric') else 'asym'}"))
+            f" {'sym' if quant.get('symmetric') else 'asym'}"
+            + (" act-order" if qm == "gptq" and quant.get("act_order") else "")
+            + (" mse" if qm != "bnb" and quant.get("mse") else "")
+            + (" joint" if quant.get("joint") else "")))
         rows.append({
             "recipe": data.get("recipe") or ("dense" if dense else "+".join(
                 x for x in (method if method != "none" else "", (cfg.get("train") or {}).get("method", "none")

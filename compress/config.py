@@ -309,6 +309,9 @@ class QuantConfig:
     mse: bool = False  # rtn/gptq: search each group's clipping range for the least squared rounding error
     # gptq
     act_order: bool = False  # columns by decreasing Hessian diagonal, with static groups (no per-row g_idx)
+    # gptq after prune=sparsegpt: choose the mask and quantize in one column loop, inside the prune stage
+    # (false: the two-pass form, SparseGPT then GPTQ with the pruned weights held at zero)
+    joint: bool = False
     blocksize: int = 128  # columns per lazy batch update
     percdamp: float = 0.01  # relative damping of H (raised automatically if H is not positive definite)
     damp_mode: str = "mean"  # mean | median of diag(H)
@@ -386,6 +389,28 @@ class Config:
             raise ConfigError(f"stages={order} trains after quantizing: not supported yet (adapters on a quantized "
                               "base would have to stay unmerged and be saved beside it). Put train before quant, "
                               "e.g. stages=[prune, train, quant]")
+        if self.quant.joint:
+            self._check_joint(order)
+
+    def _check_joint(self, order: List[str]) -> None:
+        q, p = self.quant, self.prune
+        if q.method != "gptq" or p.method != "sparsegpt":
+            raise ConfigError(f"quant.joint=true chooses SparseGPT's mask inside GPTQ's column loop: it needs "
+                              f"prune=sparsegpt and quant=gptq, got prune={p.method}, quant={q.method}")
+        between = order[order.index("prune") + 1:order.index("quant")] if order.index("prune") < order.index("quant") \
+            else None
+        if between is None or any(getattr(self, s).method != "none" for s in between):
+            raise ConfigError(f"quant.joint=true needs the quant stage right after the prune stage, got stages={order}")
+        if list(q.targets) != [r".*"] or list(q.ignore):
+            raise ConfigError("quant.joint=true quantizes the modules the prune stage selects (prune.targets/ignore); "
+                              f"leave quant.targets/ignore at their defaults, got {list(q.targets)}/{list(q.ignore)}")
+        if p.reconstruct_epochs:
+            raise ConfigError("quant.joint=true with prune.reconstruct_epochs > 0: block reconstruction after the "
+                              "joint column loop would move the quantized weights off their grid. Use the two-pass "
+                              "form (quant.joint=false) or prune.reconstruct_epochs=0")
+        if q.act_order and p.pattern != "unstructured":
+            raise ConfigError(f"quant.joint=true with quant.act_order=true and prune.pattern={p.pattern}: the N:M groups "
+                              "are consecutive inputs, act-order visits them out of order. Use act_order=false")
 
     def is_dense_baseline(self) -> bool:
         return all(getattr(self, s).method == "none" for s in STAGE_NAMES)

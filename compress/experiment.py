@@ -45,7 +45,10 @@ def _stage_prune(ctx: StageContext, info: Dict) -> None:
         print(report.table())
 
     try:
-        report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device)
+        report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device,
+                             quant=ctx.cfg.quant if ctx.cfg.quant.joint else None)
+        if report.joint_quant is not None:  # the quant stage that follows reports and checks it
+            ctx.artifacts["joint_quant_report"] = report.joint_quant
     except ShortfallError as e:  # what it did is recorded before the stage fails
         if e.report is not None:
             record(e.report)
@@ -186,6 +189,10 @@ def save_model(ctx: StageContext, save_to: Path) -> Dict:
         ctx.tokenizer.save_pretrained(save_to)
         out = {"format": "safetensors" + (" (bitsandbytes)" if report is not None else ""), "path": str(save_to),
                "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors"))}
+    from compress.calibration import resolve_targets
+    from compress.quant.export import weights_fingerprint
+
+    out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
     return out
 
 

@@ -208,3 +208,49 @@ def test_compare_does_not_take_a_quant_only_run_as_the_dense_baseline():
     assert len(dense) == 1 and dense[0]["ppl"] == 28.7
     gptq = [r for r in rows if r["quant"].startswith("gptq")][0]
     assert gptq["recipe"] == "gptq" and gptq["delta_vs_dense"] == pytest.approx(2.3)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern):
+    """quant.joint=true: the mask is chosen and the kept weights quantized in one column loop (inside
+    the prune stage); every module reaches its sparsity (N:M exact), every weight lies on its grid, and
+    the saved checkpoint reloads with stock transformers to the same weights."""
+    from compress import experiment
+    from compress.pruning.masks import check_nm
+
+    model = _tiny("llama", vocab=260)
+    cfg = Config(prune=PruneConfig(method="sparsegpt", sparsity=0.5, pattern=pattern, blocksize=32),
+                 quant=QuantConfig(method="gptq", bits=4, group_size=32, joint=True),
+                 calib=CalibConfig(nsamples=4, seqlen=32), eval=EvalConfig(seqlen=32, max_windows=2))
+    cfg.output.save_model = True
+    data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
+    assert data["status"] == "ok"
+    rep = data["quant_report"]
+    assert rep["mode"]["chosen"] == "joint" and rep["check"]["on_grid"] is True
+    n_lin = len(resolve_targets(model).flat())
+    assert len(rep["modules"]) == len(data["prune_report"]["modules"]) == n_lin
+    got = _reload(tmp_path / "run" / "model", _ids(2, 16), tmp_path)
+    for n, w in model.named_parameters():
+        if "proj" not in n:
+            continue
+        w = w.detach().float()
+        assert torch.equal(got["weights"][n], w), n
+        assert float((w == 0).float().mean()) >= 0.5 - 1e-9, n
+        if pattern == "2:4":
+            assert check_nm(got["weights"][n], 2, 4), n
+    assert rep["check"]["nm_exact"] is (True if pattern == "2:4" else None)
+
+
+def test_joint_mode_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="prune=sparsegpt and quant=gptq"):
+        Config(prune=PruneConfig(method="wanda"), quant=QuantConfig(method="gptq", joint=True))
+    with pytest.raises(ConfigError, match="off their grid"):
+        Config(prune=PruneConfig(method="sparsegpt", reconstruct_epochs=1, sequential="true"),
+               quant=QuantConfig(method="gptq", joint=True))
+    with pytest.raises(ConfigError, match="act-order"):
+        Config(prune=PruneConfig(method="sparsegpt", pattern="2:4"), quant=QuantConfig(method="gptq", joint=True,
+                                                                                      act_order=True))
+    with pytest.raises(ConfigError, match="right after the prune stage"):
+        Config(prune=PruneConfig(method="sparsegpt"), quant=QuantConfig(method="gptq", joint=True),
+               train=TrainConfig(method="lora"))
+    Config(prune=PruneConfig(method="sparsegpt"), quant=QuantConfig(method="gptq", joint=True))  # valid

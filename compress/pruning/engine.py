@@ -65,6 +65,7 @@ class PruneReport:
     mode: Dict = field(default_factory=dict)  # the block mode: chosen, why, memory estimates and budget
     targets: Dict = field(default_factory=dict)  # what the resolver selected
     check: Dict = field(default_factory=dict)  # verify(): every target pruned to its target
+    joint_quant: Optional[object] = field(default=None, repr=False)  # quant.joint: the QuantReport of the same loop
 
     def verify(self, expected: List[str], describe: str, global_scope: bool = False) -> Dict:
         """Every one of the ``expected`` targeted modules (``"<block>.<name>"``) pruned, each to its target
@@ -191,8 +192,13 @@ def _block_sparsity(linears: Dict[str, nn.Module]) -> float:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[CalibConfig] = None, device=None,
-                calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True) -> PruneReport:
+                calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True,
+                quant=None) -> PruneReport:
     """Prune ``model`` in place according to ``cfg`` and return the report.
+
+    ``quant``: a :class:`~compress.config.QuantConfig` for the joint one-pass mode (SparseGPT only): each
+    linear's mask is chosen and its kept weights quantized in the same column loop; the
+    :class:`~compress.quant.engine.QuantReport` is ``report.joint_quant``.
 
     Refuses (:class:`~compress.errors.UnsupportedModelError`) before any work when the selected modules
     include some it cannot prune or when nothing is selected; with ``verify`` raises
@@ -225,6 +231,18 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
                                   device=device, offload=cfg.offload, progress=progress)
     report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
 
+    joint = spec = full = None
+    if quant is not None:
+        from compress.quant.engine import QuantReport, record_module
+        from compress.quant.methods import grid_spec
+
+        if not hasattr(method, "prune_and_quantize"):
+            raise ValueError(f"the joint prune + quant mode needs prune.method=sparsegpt, not {cfg.method}")
+        spec = grid_spec(quant)
+        joint = report.joint_quant = QuantReport(quant.method, quant.bits, quant.group_size, quant.symmetric)
+        joint.targets = report.targets
+        full = dict(zip(targets.flat(), targets.qualified_names()))
+
     def prune_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats], sparsity: float,
                      thresh: Optional[float] = None):
         t0 = time.perf_counter()
@@ -232,6 +250,11 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
         w_dense = w.detach()
         if thresh is not None:  # global magnitude
             new = w_dense.float() * (w_dense.float().abs() > thresh)
+        elif joint is not None:
+            q = method.prune_and_quantize(w_dense, stats, sparsity, nm, quant, spec)
+            new = q.weight
+            record_module(joint, spec, f"{bidx}.{name}", full[f"{bidx}.{name}"], mod, w_dense.float(), q, stats,
+                          kept_zeros=True, seconds=time.perf_counter() - t0)
         else:
             new = method.prune_weight(w_dense, stats, sparsity, nm)
         err = stats.relative_error(w_dense, new) if stats is not None else None
@@ -285,6 +308,11 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig, calib: Optional[C
     t_cal = time.perf_counter()
     report.mode = loop.run(calib_ids)
     report.calib_seconds = time.perf_counter() - t_cal
+    if joint is not None:
+        joint.mode = dict(report.mode, chosen="joint", block_mode=report.mode.get("chosen"),
+                          reason="masks chosen and weights quantized in one column loop of the prune stage")
+        joint.calibration = report.calibration
+        joint.seconds = time.perf_counter() - t_start
     return finish()
 
 

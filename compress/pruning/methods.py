@@ -117,6 +117,19 @@ class SparseGPT(PruningMethod):
     def info(self, stats):
         return {"damping": stats.damped_factor(self.cfg.percdamp, self.cfg.damp_mode)[1].to_dict()}
 
+    def prune_and_quantize(self, weight, stats, sparsity, nm, qcfg, spec):
+        """The joint one-pass mode (``quant.joint=true``): SparseGPT's mask rule and GPTQ's grid in the
+        same column loop, with GPTQ's loop settings (``quant.blocksize``, ``percdamp``, ``damp_mode``,
+        ``act_order``). Returns a :class:`compress.quant.methods.Quantized`."""
+        from compress.quant.methods import gptq_quantize
+
+        H = stats.H
+        if stats.G is not None:
+            weight = corrected_target(weight, H, stats.G, qcfg.percdamp, qcfg.damp_mode)
+        factor = None if qcfg.act_order else stats.damped_factor(qcfg.percdamp, qcfg.damp_mode)
+        return gptq_quantize(weight, H, spec, qcfg.blocksize, qcfg.percdamp, qcfg.damp_mode, qcfg.act_order,
+                             sparsity=sparsity, nm=nm, factor=factor)
+
 
 @torch.no_grad()
 def corrected_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float, damp_mode: str = "mean"):

@@ -104,6 +104,37 @@ def check_zeros(model: nn.Module, before: Dict[str, torch.Tensor], nm=None, weig
             "ok": not broken and not nm_bad}
 
 
+def record_module(report: QuantReport, spec: GridSpec, key: str, full_name: str, mod: nn.Module, w_dense: torch.Tensor,
+                  q: Quantized, stats, kept_zeros: bool, seconds: float) -> None:
+    """The report's entry for one quantized linear (``key``: ``"<block>.<name>"``) and its grid
+    parameters (for saving)."""
+    err = stats.relative_error(w_dense, q.weight) if stats is not None else None
+    report.params[full_name] = (q.scale.cpu(), None if q.zero is None else q.zero.cpu())
+    report.modules.append({"name": key, "type": type(mod).__name__, "rows": w_dense.shape[0], "cols": w_dense.shape[1],
+                           "numel": w_dense.numel(), "bits_per_weight": bits_per_weight(spec, w_dense.shape[1]),
+                           "rel_error": err, "kept_zeros": kept_zeros, "seconds": round(seconds, 4), **q.info})
+
+
+@torch.no_grad()
+def check_on_grid(report: QuantReport, spec: GridSpec, weights: Dict[str, torch.Tensor], full: Dict[str, str]) -> Dict:
+    """Every quantized weight equals its own code dequantized: what a packed checkpoint will hold."""
+    from compress.quant.grid import dequantize, expand, quantize
+
+    off = []
+    for name, w in weights.items():
+        if full[name] not in report.params:
+            continue
+        scale, zero = report.params[full[name]]
+        # exact in float32; a 16-bit model holds the grid values rounded to its dtype
+        rtol = 0.0 if w.dtype == torch.float32 else torch.finfo(w.dtype).eps
+        w = w.detach().float().cpu()
+        s, z = expand(scale, spec, w.shape[1]), expand(zero, spec, w.shape[1])
+        deq = dequantize(quantize(w, s, z, spec.bits), s, z)
+        if not (torch.equal(deq, w) if rtol == 0 else torch.allclose(deq, w, rtol=rtol, atol=0)):
+            off.append(name)
+    return {"on_grid": not off, "off_grid": off[:10]}
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, tokenizer, cfg: QuantConfig, calib: Optional[CalibConfig] = None, device=None,
                    calib_ids: Optional[torch.Tensor] = None, pattern: Optional[str] = None, progress: bool = True):
@@ -143,14 +174,9 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantConfig, calib: Optiona
             w_dense = w.detach().float()
             keep = _keep_mask(w_dense)
             q: Quantized = method.quantize(w_dense, stats, keep)
-            err = stats.relative_error(w_dense, q.weight) if stats is not None else None
             w.data.copy_(q.weight.to(w.dtype))
-            key = f"{bidx}.{name}"
-            report.params[full[key]] = (q.scale.cpu(), None if q.zero is None else q.zero.cpu())
-            report.modules.append({"name": key, "type": type(mod).__name__, "rows": w.shape[0], "cols": w.shape[1],
-                                   "numel": w.numel(), "bits_per_weight": bits_per_weight(method.spec, w.shape[1]),
-                                   "rel_error": err, "kept_zeros": keep is not None,
-                                   "seconds": round(time.perf_counter() - t, 4), **q.info})
+            record_module(report, method.spec, f"{bidx}.{name}", full[f"{bidx}.{name}"], mod, w_dense, q, stats,
+                          kept_zeros=keep is not None, seconds=time.perf_counter() - t)
 
         if method.needs_calibration:
             if calib_ids is None:
@@ -175,6 +201,9 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantConfig, calib: Optiona
             raise ShortfallError(f"quantize: {targets.describe()}: quantized {len(done)} of the {len(flat)} selected "
                                  f"modules (never reached by the calibration forward: {missing[:6]})", report=report)
     report.check = check_zeros(model, zeros_before, nm, weights)
+    if cfg.method != "bnb":
+        report.check.update(check_on_grid(report, GridSpec(cfg.bits, cfg.symmetric, cfg.group_size), weights, full))
+        report.check["ok"] = report.check["ok"] and report.check["on_grid"]
     report.seconds = time.perf_counter() - t0
     if not report.check["ok"]:
         raise ShortfallError(f"quantize: the pruned model's zeros or N:M pattern broke: {report.check}", report=report)

@@ -109,3 +109,22 @@ def sparsity_sidecar(weights: Dict[str, torch.Tensor], pattern: Optional[str]) -
         mods[name] = entry
     return {"pattern": pattern or "dense", "modules": mods,
             "zeros": sum(m["zeros"] for m in mods.values()), "numel": sum(m["numel"] for m in mods.values())}
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module, names) -> Dict:
+    """What a reload must reproduce exactly: a sha256 over the float32 weights the selected linears
+    compute with (bitsandbytes dequantized), in name order, and their zero counts. A process that
+    imports only torch and transformers can recompute it (``benchmarks/reload_check.py``)."""
+    import hashlib
+
+    from compress.quant.bnb import dequantized_weight
+
+    h = hashlib.sha256()
+    zeros = {}
+    for name in sorted(names):
+        w = dequantized_weight(model.get_submodule(name)).float().contiguous().cpu()
+        h.update(name.encode())
+        h.update(w.numpy().tobytes())
+        zeros[name] = int(w.numel() - torch.count_nonzero(w))
+    return {"sha256": h.hexdigest(), "modules": sorted(names), "zeros": zeros}

@@ -56,6 +56,28 @@ def _unique(model):
             yield p
 
 
+def check_joint(model, report, cfg, pattern) -> None:
+    """After the joint one-pass mode: every quantized weight on its grid and the N:M pattern exact (the
+    prune stage has checked the sparsity of every module)."""
+    from compress.calibration import resolve_targets, weight_matrix
+    from compress.config import parse_pattern
+    from compress.quant.engine import check_on_grid, check_zeros
+    from compress.quant.grid import GridSpec
+
+    targets = resolve_targets(model, cfg.targets, cfg.ignore)
+    flat = targets.flat()
+    full = dict(zip(flat, targets.qualified_names()))
+    weights = {n: weight_matrix(m) for n, m in flat.items()}
+    nm = parse_pattern(pattern) if pattern and pattern != "unstructured" else None
+    zeros = {n: (w == 0).cpu() for n, w in weights.items() if full[n] in report.params}
+    report.check = check_zeros(model, zeros, nm, weights)
+    report.check.update(check_on_grid(report, GridSpec(cfg.bits, cfg.symmetric, cfg.group_size), weights, full))
+    report.check["ok"] = report.check["ok"] and report.check["on_grid"] and len(zeros) == len(report.modules) > 0
+    if not report.check["ok"]:
+        raise ShortfallError(f"quant (joint): {len(report.modules)} modules quantized in the prune stage; check "
+                             f"failed: {report.check}", report=report)
+
+
 def quant_stage(ctx, info: Dict):
     from compress.data import load_calibration
     from compress.quant.engine import quantize_model
@@ -68,14 +90,21 @@ def quant_stage(ctx, info: Dict):
     info["forward_seconds"] = round(fwd, 3)  # the yardstick: this model's forward over the calibration tokens
     t0 = time.perf_counter()
     try:
-        model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
-                                       pattern=pattern)
+        if cfg.joint:
+            model, report = ctx.model, ctx.artifacts.get("joint_quant_report")
+            if report is None:
+                raise RuntimeError("quant.joint=true but the prune stage left no joint quantization report")
+            check_joint(model, report, cfg, pattern)
+            info["joint"] = "quantized in the prune stage's column loop (its seconds are the prune stage's)"
+        else:
+            model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
+                                           pattern=pattern)
     except ShortfallError as e:
         if e.report is not None:
             ctx.record.data["quant_report"] = e.report.to_dict()
             info["check"] = e.report.check
         raise
-    seconds = time.perf_counter() - t0
+    seconds = report.seconds if cfg.joint else time.perf_counter() - t0
     report.calibration = cal_info if report.mode.get("chosen") in ("single_pass", "two_pass") else {}
     sizes = packed_footprint(model, report)
     info.update(report.summary())

@@ -1,0 +1,99 @@
+"""Reload a saved run's model in a fresh process that imports only torch and transformers (bitsandbytes
+through transformers for bnb checkpoints), with stock ``AutoModelForCausalLM.from_pretrained`` on CPU,
+and compare with what the run recorded in memory: the weights' fingerprint (sha256 over the float32
+weights every selected linear computes with), the zero count of every module, and the perplexity under
+the run's own eval protocol (within 1e-4 relative).
+
+    compress prune=sparsegpt prune.sparsity=0.5 quant=gptq output.save_model=true hydra.run.dir=DIR
+    python benchmarks/reload_check.py DIR            # writes DIR/reload_check.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import hashlib, json, math, sys
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
+model_dir, job = sys.argv[1], json.load(open(sys.argv[2]))
+model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+model.eval()
+ids = torch.tensor(job["ids"], dtype=torch.long).view(-1, job["seqlen"])
+nll, count = 0.0, 0
+with torch.no_grad():
+    for w in ids:  # the run's protocol: non-overlapping windows, per-window sums in float64
+        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
+        nll += float(F.cross_entropy(logits.float(), w[1:], reduction="sum").double())
+        count += w.numel() - 1
+
+def weight(mod):  # the float weight the module computes with (bitsandbytes dequantized)
+    w = mod.weight
+    if type(mod).__name__ == "Linear4bit":
+        import bitsandbytes as bnb
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if type(mod).__name__ == "Linear8bitLt":
+        cb, scb = getattr(w, "CB", None), getattr(w, "SCB", None)
+        if cb is None:
+            cb, scb = w.data, mod.state.SCB
+        return cb.float() * scb.float().unsqueeze(1) / 127.0
+    return w.float()
+
+h, zeros = hashlib.sha256(), {}
+with torch.no_grad():
+    for name in job["modules"]:
+        w = weight(model.get_submodule(name)).contiguous().cpu()
+        h.update(name.encode()); h.update(w.numpy().tobytes())
+        zeros[name] = int(w.numel() - torch.count_nonzero(w))
+print(json.dumps({"ppl": math.exp(nll / count), "sha256": h.hexdigest(), "zeros": zeros,
+                  "class": type(model).__name__, "quantization_config": getattr(model.config, "quantization_config", None) is not None}))
+"""
+
+
+def main(argv=None) -> int:
+    run = Path((argv or sys.argv[1:])[0])
+    res = json.loads((run / "results.json").read_text())
+    save = next(s for s in res["stages"] if s["name"] == "save")
+    fp = save["fingerprint"]
+    ppl_key = next(iter(res["metrics"]["ppl"]))
+    ppl = res["metrics"]["ppl"][ppl_key]
+    proto = res.get("protocol", {}).get(ppl_key, {})
+    cfg = res["config"]["eval"]
+    if cfg.get("add_bos"):
+        raise SystemExit("eval.add_bos=true runs are not handled by this check")
+
+    from transformers import AutoTokenizer
+
+    from compress.data import load_text, tokenize  # the parent computes the eval tokens the run used
+
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    ids = tokenize(tok, load_text(proto.get("source", ppl_key), role="eval"))
+    nwin = min(ids.numel() // cfg["seqlen"], cfg["max_windows"] or 10**9)
+    job = {"ids": ids[: nwin * cfg["seqlen"]].tolist(), "seqlen": cfg["seqlen"], "modules": fp["modules"]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(run / "model"), f.name], capture_output=True, text=True,
+                       cwd=tempfile.gettempdir())
+    if p.returncode:
+        print(p.stderr[-3000:], file=sys.stderr)
+        return 1
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    out = {"run": str(run), "model_class": got["class"], "weights_equal": got["sha256"] == fp["sha256"],
+           "modules": len(fp["modules"]), "zeros_equal": got["zeros"] == fp["zeros"],
+           "zeros": sum(fp["zeros"].values()), "ppl_run": ppl, "ppl_reloaded": got["ppl"],
+           "ppl_rel_diff": abs(got["ppl"] - ppl) / ppl, "protocol": proto}
+    out["ok"] = out["weights_equal"] and out["zeros_equal"] and out["ppl_rel_diff"] <= 1e-4
+    (run / "reload_check.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
