@@ -35,6 +35,8 @@ from compress.record import PeakMemory
 
 
 def _q(method, bits, group, sym, **kw):
+    if method == "gptq":
+        kw.setdefault("act_order", False)  # explicit: rows are named by what they run, not by the default
     return dict(method=method, bits=bits, group_size=group, symmetric=sym, **kw)
 
 
@@ -55,6 +57,8 @@ CONFIGS["gptq_w4_g32_asym (Q4_1 origin)"] = _q("gptq", 4, 32, False)
 # the peer's setting: llm-compressor's GPTQModifier orders columns by activation ("static") by default
 for bits, group in ((4, 64), (4, -1), (3, 64), (3, -1)):
     CONFIGS[f"gptq_w{bits}_{'g64' if group == 64 else 'ch'}_sym_actorder"] = _q("gptq", bits, group, True, act_order=True)
+CONFIGS["gptq_w4_g64_sym_actorder_mse"] = _q("gptq", 4, 64, True, act_order=True, mse=True)
+CONFIGS["gptq_w4_ch_sym_actorder_mse"] = _q("gptq", 4, -1, True, act_order=True, mse=True)
 CONFIGS["gptq_w4_g64_asym_actorder"] = _q("gptq", 4, 64, False, act_order=True)
 CONFIGS["gptq_w4_ch_asym_actorder"] = _q("gptq", 4, -1, False, act_order=True)
 # joint sparsity + quantization: two passes (SparseGPT, then GPTQ with the zeros held) and one pass (mask
@@ -70,6 +74,9 @@ for label, prune in (("sparsegpt_50", SGPT50), ("sparsegpt_2of4", SGPT24), ("bes
     CONFIGS[f"{label}+gptq_w4_g64 (two passes)"] = dict(_q("gptq", 4, 64, True), prune=prune)
     one = dict(prune, reconstruct_epochs=0) if "reconstruct_epochs" in prune else prune
     CONFIGS[f"{label}+gptq_w4_g64 (one pass)"] = dict(_q("gptq", 4, 64, True, joint=True), prune=one)
+    CONFIGS[f"{label}+gptq_w4_g64_actorder (two passes)"] = dict(_q("gptq", 4, 64, True, act_order=True), prune=prune)
+    CONFIGS[f"{label}+gptq_w4_g64_actorder (one pass)"] = dict(_q("gptq", 4, 64, True, joint=True, act_order=True),
+                                                                prune=one)
 
 
 RELOAD = r"""
@@ -80,7 +87,7 @@ m(input_ids=torch.zeros(1, 4, dtype=torch.long))  # compressed-tensors decompres
 out = {}
 for n, mod in m.named_modules():
     if isinstance(mod, torch.nn.Linear) and ".layers." in n:
-        w = mod.weight.detach().float().contiguous()
+        w = mod.weight.detach().float().contiguous() + 0.0  # values: -0.0 and +0.0 hash alike
         nm = None
         if w.shape[1] % 4 == 0:
             nm = bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
@@ -110,7 +117,7 @@ def reload_check(model, rep, qcfg, tok, pattern):
     if p.returncode:
         return {"reload_ok": False, "error": p.stderr[-500:]}
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    equal = all(got[n]["sha"] == hashlib.sha256(w.float().contiguous().numpy().tobytes()).hexdigest()
+    equal = all(got[n]["sha"] == hashlib.sha256((w.float().contiguous() + 0.0).numpy().tobytes()).hexdigest()
                 for n, w in weights.items())
     zeros_equal = all(got[n]["zeros"] == int((w == 0).sum()) for n, w in weights.items())
     nm = all(v["nm24"] for v in got.values()) if pattern == "2:4" else None

@@ -26,14 +26,6 @@ assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules
 model_dir, job = sys.argv[1], json.load(open(sys.argv[2]))
 model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
 model.eval()
-ids = torch.tensor(job["ids"], dtype=torch.long).view(-1, job["seqlen"])
-nll, count = 0.0, 0
-with torch.no_grad():
-    for w in ids:  # the run's protocol: non-overlapping windows, per-window sums in float64
-        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
-        nll += float(F.cross_entropy(logits.float(), w[1:], reduction="sum").double())
-        count += w.numel() - 1
-
 def weight(mod):  # the float weight the module computes with (bitsandbytes dequantized)
     w = mod.weight
     if type(mod).__name__ == "Linear4bit":
@@ -46,12 +38,20 @@ def weight(mod):  # the float weight the module computes with (bitsandbytes dequ
         return cb.float() * scb.float().unsqueeze(1) / 127.0
     return w.float()
 
-h, zeros = hashlib.sha256(), {}
+h, zeros = hashlib.sha256(), {}  # before any forward: bitsandbytes on CPU rewrites 4-bit state at the first
 with torch.no_grad():
     for name in job["modules"]:
-        w = weight(model.get_submodule(name)).contiguous().cpu()
+        w = weight(model.get_submodule(name)).contiguous().cpu() + 0.0  # -0.0 -> +0.0, as the run hashed it
         h.update(name.encode()); h.update(w.numpy().tobytes())
         zeros[name] = int(w.numel() - torch.count_nonzero(w))
+ids = torch.tensor(job["ids"], dtype=torch.long).view(-1, job["seqlen"])
+nll, count = 0.0, 0
+with torch.no_grad():
+    for w in ids:  # the run's protocol: non-overlapping windows, per-window sums in float64
+        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
+        nll += float(F.cross_entropy(logits.float(), w[1:], reduction="sum").double())
+        count += w.numel() - 1
+
 print(json.dumps({"ppl": math.exp(nll / count), "sha256": h.hexdigest(), "zeros": zeros,
                   "class": type(model).__name__, "quantization_config": getattr(model.config, "quantization_config", None) is not None}))
 """

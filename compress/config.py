@@ -308,7 +308,7 @@ class QuantConfig:
     symmetric: bool = True  # rtn/gptq: symmetric grid (no zero point) or asymmetric
     mse: bool = False  # rtn/gptq: search each group's clipping range for the least squared rounding error
     # gptq
-    act_order: bool = False  # columns by decreasing Hessian diagonal, with static groups (no per-row g_idx)
+    act_order: bool = True  # columns by decreasing Hessian diagonal, with static groups (no per-row g_idx)
     # gptq after prune=sparsegpt: choose the mask and quantize in one column loop, inside the prune stage
     # (false: the two-pass form, SparseGPT then GPTQ with the pruned weights held at zero)
     joint: bool = False
@@ -408,9 +408,6 @@ class Config:
             raise ConfigError("quant.joint=true with prune.reconstruct_epochs > 0: block reconstruction after the "
                               "joint column loop would move the quantized weights off their grid. Use the two-pass "
                               "form (quant.joint=false) or prune.reconstruct_epochs=0")
-        if q.act_order and p.pattern != "unstructured":
-            raise ConfigError(f"quant.joint=true with quant.act_order=true and prune.pattern={p.pattern}: the N:M groups "
-                              "are consecutive inputs, act-order visits them out of order. Use act_order=false")
 
     def is_dense_baseline(self) -> bool:
         return all(getattr(self, s).method == "none" for s in STAGE_NAMES)

@@ -184,15 +184,16 @@ def save_model(ctx: StageContext, save_to: Path) -> Dict:
         pattern = ctx.cfg.prune.pattern if ctx.cfg.prune.method != "none" else None
         out = save_compressed_tensors(ctx.model, save_to, report.params, spec, ctx.tokenizer,
                                       sidecar=sparsity_sidecar(weights, pattern))
-    else:
-        ctx.model.save_pretrained(save_to, safe_serialization=True)
+    else:  # a bitsandbytes model as it was right after quantization (see quant_stage)
+        ctx.model.save_pretrained(save_to, safe_serialization=True, state_dict=ctx.artifacts.get("bnb_snapshot"))
         ctx.tokenizer.save_pretrained(save_to)
         out = {"format": "safetensors" + (" (bitsandbytes)" if report is not None else ""), "path": str(save_to),
                "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors"))}
     from compress.calibration import resolve_targets
     from compress.quant.export import weights_fingerprint
 
-    out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
+    out["fingerprint"] = (ctx.artifacts.get("bnb_fingerprint")
+                          or weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names()))
     return out
 
 
@@ -373,6 +374,14 @@ def summary_table(data: Dict) -> str:
     if "footprint_mb" in m:
         lines.append(f"  footprint = {m['footprint_mb']:.1f} MiB dense storage"
                      + (f", {m['footprint_sparse_mb']:.1f} MiB with sparse storage" if m.get("footprint_sparse_mb") else ""))
+    if m.get("bits_per_weight") is not None:
+        chk = m.get("quant_check") or {}
+        lines.append(f"  quantized: {m['bits_per_weight']:.3f} bits per weight of the quantized linears; packed "
+                     f"footprint {m['footprint_packed_mb']:.1f} MiB"
+                     + (f" (fp32 {m['footprint_fp32_mb']:.1f} MiB)" if m.get("footprint_fp32_mb") else "")
+                     + ("; zeros kept" if chk.get("zeros_kept") else "")
+                     + ("; N:M exact" if chk.get("nm_exact") else "")
+                     + ("; every weight on its grid" if chk.get("on_grid") else ""))
     if m.get("zero_shot"):
         lines.append(zero_shot_table(m["zero_shot"]))
     if m.get("speed"):

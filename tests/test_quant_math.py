@@ -7,7 +7,7 @@ import torch
 from compress.calibration.linalg import damped_inverse_cholesky
 from compress.calibration.obs import obs_compress
 from compress.pruning.masks import check_nm
-from compress.quant.grid import GridSpec, dequantize, fit_groups, qrange, quantize, rtn
+from compress.quant.grid import GridSpec, dequantize, expand, fit_groups, qrange, quantize, rtn
 from compress.quant.methods import gptq_quantize
 
 
@@ -107,13 +107,17 @@ def test_gptq_keeps_a_pruned_models_zeros_and_nm():
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_joint_one_pass_prunes_and_quantizes_in_one_loop(nm):
-    """The joint mode chooses the mask and quantizes in the same column loop: exact sparsity / N:M, kept
-    weights on the grid, and an output error below pruning then rounding."""
+@pytest.mark.parametrize("act_order", [False, True])
+def test_joint_one_pass_prunes_and_quantizes_in_one_loop(nm, act_order):
+    """The joint mode chooses the mask and quantizes in the same column loop: exact sparsity / N:M (also
+    with act-order, which then orders whole N:M groups), kept weights on the grid, and an output error
+    below pruning then rounding."""
     x, w = _data()
     H = x.t() @ x
     spec = GridSpec(4, False, 32)
-    joint = gptq_quantize(w, H, spec, blocksize=32, sparsity=0.0 if nm else 0.5, nm=nm)
+    joint = gptq_quantize(w, H, spec, blocksize=32, sparsity=0.0 if nm else 0.5, nm=nm, act_order=act_order)
+    s, z = expand(joint.scale, spec, w.shape[1]), expand(joint.zero, spec, w.shape[1])
+    assert torch.equal(dequantize(quantize(joint.weight, s, z, 4), s, z), joint.weight)  # on the grid
     zeros = float((joint.weight == 0).float().mean())
     assert zeros == pytest.approx(0.5, abs=0.01)
     if nm:

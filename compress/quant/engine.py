@@ -174,9 +174,10 @@ def quantize_model(model: nn.Module, tokenizer, cfg: QuantConfig, calib: Optiona
             w_dense = w.detach().float()
             keep = _keep_mask(w_dense)
             q: Quantized = method.quantize(w_dense, stats, keep)
-            w.data.copy_(q.weight.to(w.dtype))
+            # recorded before the copy: w_dense may be the stored weight itself (float32 .float() is a no-op)
             record_module(report, method.spec, f"{bidx}.{name}", full[f"{bidx}.{name}"], mod, w_dense, q, stats,
                           kept_zeros=keep is not None, seconds=time.perf_counter() - t)
+            w.data.copy_(q.weight.to(w.dtype))
 
         if method.needs_calibration:
             if calib_ids is None:

@@ -114,8 +114,10 @@ def sparsity_sidecar(weights: Dict[str, torch.Tensor], pattern: Optional[str]) -
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module, names) -> Dict:
     """What a reload must reproduce exactly: a sha256 over the float32 weights the selected linears
-    compute with (bitsandbytes dequantized), in name order, and their zero counts. A process that
-    imports only torch and transformers can recompute it (``benchmarks/reload_check.py``)."""
+    compute with (bitsandbytes dequantized; signed zeros made +0, so that equal values hash equal: a
+    weight that rounds to -0.0 here is decoded as +0.0 from its integer code), in name order, and their
+    zero counts. A process that imports only torch and transformers can recompute it
+    (``benchmarks/reload_check.py``)."""
     import hashlib
 
     from compress.quant.bnb import dequantized_weight
@@ -123,7 +125,7 @@ def weights_fingerprint(model: nn.Module, names) -> Dict:
     h = hashlib.sha256()
     zeros = {}
     for name in sorted(names):
-        w = dequantized_weight(model.get_submodule(name)).float().contiguous().cpu()
+        w = dequantized_weight(model.get_submodule(name)).float().contiguous().cpu() + 0.0  # -0.0 -> +0.0: values
         h.update(name.encode())
         h.update(w.numpy().tobytes())
         zeros[name] = int(w.numel() - torch.count_nonzero(w))

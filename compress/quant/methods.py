@@ -77,15 +77,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, blocksize: i
 
     ``act_order``: columns in order of decreasing ``diag(H)``, with *static* groups (each group's
     parameters fitted on the original weights, so that every column keeps its own group and no per-row
-    group index is stored). Without it groups are fitted when the loop reaches them, on the updated
-    weights. ``keep``: weights that must stay zero (a pruned model). ``sparsity``/``nm``: the joint
+    group index is stored); when an N:M mask is chosen in the same loop, whole groups of M inputs are
+    ordered (by their summed diagonal) so that each N:M group is still visited as one. Without it groups
+    are fitted when the loop reaches them, on the updated weights. ``keep``: weights that must stay zero (a pruned model). ``sparsity``/``nm``: the joint
     one-pass mode, the mask chosen in the same column loop (SparseGPT's rule). ``factor``: a precomputed
     ``(U, Damping)`` for this ``H`` (shared by linears that share an input; not with act-order).
     """
     cols = W.shape[1]
     dead = torch.diagonal(H) == 0
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        diag = torch.diagonal(H)
+        if nm is not None and keep is None:  # the N:M mask is chosen in the loop: each group of M inputs
+            m = nm[1]  # stays together (groups ordered by their summed diagonal), so the choice stays N of M
+            gperm = torch.argsort(diag.reshape(-1, m).sum(1), descending=True, stable=True)
+            perm = (gperm.unsqueeze(1) * m + torch.arange(m, device=H.device)).flatten()
+        else:
+            perm = torch.argsort(diag, descending=True, stable=True)
         inv = torch.argsort(perm)
         Hp = H[perm][:, perm]
         U, damping = damped_inverse_cholesky(Hp, percdamp, damp_mode)

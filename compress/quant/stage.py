@@ -115,5 +115,16 @@ def quant_stage(ctx, info: Dict):
     ctx.record.data["metrics"]["quant_check"] = report.check
     ctx.record.save()
     ctx.artifacts["quant_report"] = report
+    order = list(ctx.cfg.stages)
+    last = not any(getattr(ctx.cfg, st).method != "none" for st in order[order.index("quant") + 1:])
+    if cfg.method == "bnb" and ctx.cfg.output.save_model and last:
+        # bitsandbytes on CPU rewrites a 4-bit layer's quantization state at its first forward (the nested
+        # absmax becomes bfloat16), so the checkpoint is taken now, as quantized: a reload then computes
+        # exactly what this model computes after the same first forward
+        from compress.calibration import resolve_targets
+        from compress.quant.export import weights_fingerprint
+
+        ctx.artifacts["bnb_snapshot"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ctx.artifacts["bnb_fingerprint"] = weights_fingerprint(model, resolve_targets(model).qualified_names())
     print(report.table())
     return model
