@@ -38,7 +38,10 @@ def weight(mod):  # the float weight the module computes with (bitsandbytes dequ
         return cb.float() * scb.float().unsqueeze(1) / 127.0
     return w.float()
 
-h, zeros = hashlib.sha256(), {}  # before any forward: bitsandbytes on CPU rewrites 4-bit state at the first
+if job["warmup"]:  # compressed-tensors decompresses the packed weights at the first forward
+    with torch.no_grad():
+        model(input_ids=torch.tensor([job["ids"][:2]]), use_cache=False)
+h, zeros = hashlib.sha256(), {}  # bitsandbytes: before any forward (on CPU it repacks 4-bit layers at the first)
 with torch.no_grad():
     for name in job["modules"]:
         w = weight(model.get_submodule(name)).contiguous().cpu() + 0.0  # -0.0 -> +0.0, as the run hashed it
@@ -76,7 +79,9 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(run / "model")
     ids = tokenize(tok, load_text(proto.get("source", ppl_key), role="eval"))
     nwin = min(ids.numel() // cfg["seqlen"], cfg["max_windows"] or 10**9)
-    job = {"ids": ids[: nwin * cfg["seqlen"]].tolist(), "seqlen": cfg["seqlen"], "modules": fp["modules"]}
+    qm = (json.loads((run / "model" / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+    job = {"ids": ids[: nwin * cfg["seqlen"]].tolist(), "seqlen": cfg["seqlen"], "modules": fp["modules"],
+           "warmup": qm == "compressed-tensors"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     p = subprocess.run([sys.executable, "-c", CHILD, str(run / "model"), f.name], capture_output=True, text=True,

@@ -174,6 +174,53 @@ def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> b
     return True
 
 
+def plot_bits(rows: List[Dict], path: Path) -> bool:
+    """ppl (log) against bits per weight: one line per quantization setting (method, grouping, grid; with
+    the prune method when there is one) across bit widths, the dense model as a dashed line. False if no
+    run is quantized."""
+    import re as _re
+
+    series: Dict[str, List] = {}
+    dense = None
+    for r in rows:
+        if r["ppl"] is None or r["status"] != "ok":
+            continue
+        if r["dense"]:
+            dense = r["ppl"]
+        elif r.get("bits_per_weight"):
+            key = _re.sub(r" w\d+", "", r["quant"])
+            if r["method"] != "none":
+                key = f"{r['method']} {r['pattern']} + {key}"
+            series.setdefault(key, []).append((r["bits_per_weight"], r["ppl"], _re.search(r"w(\d+)", r["quant"])))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, pts in sorted(series.items()):
+        pts.sort(key=lambda p: p[0])
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        for b, ppl, m in pts:
+            if m:
+                ax.annotate(f"w{m.group(1)}", (b, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                            color=line.get_color())
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", label=f"dense fp32 ({dense:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight of the quantized linears (scales, zero points included)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("perplexity vs bits per weight")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot(rows: List[Dict], path: Path) -> None:
     import matplotlib
 
@@ -242,9 +289,7 @@ def main(argv=None) -> int:
     (out / "comparison.md").write_text(md + "\n\nprotocol: " + "; ".join(sorted(protocols)) + "\n")
     written = [out / "comparison.csv", out / "comparison.md", out / "ppl_vs_sparsity.png"]
     plot(rows, written[-1])
-    if plot_tradeoff(rows, out / "ppl_vs_bits.png", lambda r: r.get("bits_per_weight") or (32.0 if r["dense"] else None),
-                     "bits per weight of the quantized linears (scales and zero points included; dense = 32)",
-                     "perplexity vs bits per weight"):
+    if plot_bits(rows, out / "ppl_vs_bits.png"):
         written.append(out / "ppl_vs_bits.png")
     if plot_tradeoff(rows, out / "ppl_vs_footprint.png", lambda r: r.get("footprint_sparse_mb"),
                      "footprint with sparse storage (MiB: non-zeros + 1-bit mask)", "perplexity vs footprint"):

@@ -172,6 +172,8 @@ def save_model(ctx: StageContext, save_to: Path) -> Dict:
     pack-quantized (with the sparsity sidecar), everything else (dense, pruned, bitsandbytes) with
     ``save_pretrained``; safetensors only."""
     report = ctx.artifacts.get("quant_report")
+    if "bnb_saved" in ctx.artifacts:  # written by the quant stage, before any forward (see quant_stage)
+        return ctx.artifacts["bnb_saved"]
     if report is not None and report.method in ("rtn", "gptq"):
         from compress.calibration import resolve_targets, weight_matrix
         from compress.quant.export import save_compressed_tensors, sparsity_sidecar
@@ -184,16 +186,15 @@ def save_model(ctx: StageContext, save_to: Path) -> Dict:
         pattern = ctx.cfg.prune.pattern if ctx.cfg.prune.method != "none" else None
         out = save_compressed_tensors(ctx.model, save_to, report.params, spec, ctx.tokenizer,
                                       sidecar=sparsity_sidecar(weights, pattern))
-    else:  # a bitsandbytes model as it was right after quantization (see quant_stage)
-        ctx.model.save_pretrained(save_to, safe_serialization=True, state_dict=ctx.artifacts.get("bnb_snapshot"))
+    else:
+        ctx.model.save_pretrained(save_to, safe_serialization=True)
         ctx.tokenizer.save_pretrained(save_to)
         out = {"format": "safetensors" + (" (bitsandbytes)" if report is not None else ""), "path": str(save_to),
                "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors"))}
     from compress.calibration import resolve_targets
     from compress.quant.export import weights_fingerprint
 
-    out["fingerprint"] = (ctx.artifacts.get("bnb_fingerprint")
-                          or weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names()))
+    out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
     return out
 
 

@@ -153,17 +153,30 @@ class PeakMemory:
         return False
 
 
+_PACKAGE_COMMIT: dict = {}  # the package checkout's commit, read once per process
+
+
 def git_commit(cwd=None) -> Optional[str]:
+    """The commit (``-dirty`` with uncommitted changes) of ``cwd``'s checkout, by default the package's.
+    The package's is read once per process: a process runs the code it imported, so a commit made
+    while a one-process sweep runs must not relabel its later cells."""
+    if cwd is None and "commit" in _PACKAGE_COMMIT:
+        return _PACKAGE_COMMIT["commit"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)
         if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd or Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+            result = None
+        else:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
+                                   timeout=5).stdout.strip()
+            result = out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        result = None
+    if cwd is None:
+        _PACKAGE_COMMIT["commit"] = result
+    return result
 
 
 def code_version() -> str:

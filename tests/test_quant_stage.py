@@ -131,7 +131,7 @@ def _reload_check(run):
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, str(root / "benchmarks" / "reload_check.py"), str(run)], capture_output=True,
                        text=True, timeout=600, cwd=run)
-    assert p.returncode in (0, 1), p.stderr[-3000:]
+    assert p.returncode in (0, 1) and p.stdout.strip(), p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 

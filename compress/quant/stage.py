@@ -56,6 +56,20 @@ def _unique(model):
             yield p
 
 
+def save_bnb(model, tokenizer, save_to) -> Dict:
+    """Save a bitsandbytes model with transformers' serialization, with the fingerprint of its weights."""
+    from pathlib import Path
+
+    from compress.calibration import resolve_targets
+    from compress.quant.export import weights_fingerprint
+
+    model.save_pretrained(save_to, safe_serialization=True)
+    tokenizer.save_pretrained(save_to)
+    return {"format": "safetensors (bitsandbytes), written by the quant stage before any forward",
+            "path": str(save_to), "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors")),
+            "fingerprint": weights_fingerprint(model, resolve_targets(model).qualified_names())}
+
+
 def check_joint(model, report, cfg, pattern) -> None:
     """After the joint one-pass mode: every quantized weight on its grid and the N:M pattern exact (the
     prune stage has checked the sparsity of every module)."""
@@ -118,13 +132,9 @@ def quant_stage(ctx, info: Dict):
     order = list(ctx.cfg.stages)
     last = not any(getattr(ctx.cfg, st).method != "none" for st in order[order.index("quant") + 1:])
     if cfg.method == "bnb" and ctx.cfg.output.save_model and last:
-        # bitsandbytes on CPU rewrites a 4-bit layer's quantization state at its first forward (the nested
-        # absmax becomes bfloat16), so the checkpoint is taken now, as quantized: a reload then computes
-        # exactly what this model computes after the same first forward
-        from compress.calibration import resolve_targets
-        from compress.quant.export import weights_fingerprint
-
-        ctx.artifacts["bnb_snapshot"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        ctx.artifacts["bnb_fingerprint"] = weights_fingerprint(model, resolve_targets(model).qualified_names())
+        # bitsandbytes on CPU repacks a 4-bit layer at its first forward (the double-quantized absmax
+        # becomes bfloat16) and packs it back, not bit for bit, when saved: so the checkpoint is written
+        # now, before any forward. A reload then computes exactly what this model computes.
+        ctx.artifacts["bnb_saved"] = save_bnb(model, ctx.tokenizer, ctx.out_dir / "model")
     print(report.table())
     return model
