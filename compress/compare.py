@@ -174,10 +174,9 @@ def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> b
     return True
 
 
-def plot_bits(rows: List[Dict], path: Path) -> bool:
-    """ppl (log) against bits per weight: one line per quantization setting (method, grouping, grid; with
-    the prune method when there is one) across bit widths, the dense model as a dashed line. False if no
-    run is quantized."""
+def bits_series(rows: List[Dict]):
+    """``({setting: [(bits per weight, ppl, bit width), ...] sorted by bits}, dense ppl)``: a setting is the
+    quant label without its bit width (plus the prune method and pattern when the run pruned)."""
     import re as _re
 
     series: Dict[str, List] = {}
@@ -191,7 +190,18 @@ def plot_bits(rows: List[Dict], path: Path) -> bool:
             key = _re.sub(r" w\d+", "", r["quant"])
             if r["method"] != "none":
                 key = f"{r['method']} {r['pattern']} + {key}"
-            series.setdefault(key, []).append((r["bits_per_weight"], r["ppl"], _re.search(r"w(\d+)", r["quant"])))
+            m = _re.search(r"w(\d+)", r["quant"])
+            series.setdefault(key, []).append((r["bits_per_weight"], r["ppl"], int(m.group(1)) if m else None))
+    for pts in series.values():
+        pts.sort(key=lambda p: p[0])
+    return series, dense
+
+
+def plot_bits(rows: List[Dict], path: Path) -> bool:
+    """ppl (log) against bits per weight: one line per quantization setting (method, grouping, grid; with
+    the prune method when there is one) across bit widths, the dense model as a dashed line. False if no
+    run is quantized."""
+    series, dense = bits_series(rows)
     if not series:
         return False
     import matplotlib
@@ -201,11 +211,10 @@ def plot_bits(rows: List[Dict], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, pts in sorted(series.items()):
-        pts.sort(key=lambda p: p[0])
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        for b, ppl, m in pts:
-            if m:
-                ax.annotate(f"w{m.group(1)}", (b, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points",
+        for b, ppl, width in pts:
+            if width:
+                ax.annotate(f"w{width}", (b, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points",
                             color=line.get_color())
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label=f"dense fp32 ({dense:.2f})")

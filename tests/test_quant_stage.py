@@ -228,6 +228,28 @@ def test_compare_does_not_take_a_quant_only_run_as_the_dense_baseline():
     assert gptq["recipe"] == "gptq" and gptq["delta_vs_dense"] == pytest.approx(2.3)
 
 
+def test_compare_plots_one_line_per_quant_setting(tmp_path):
+    """A sweep over bits and group sizes: one series per setting across bit widths, sorted by bits per
+    weight; the dense run is the baseline line, not a point; the plot file is written."""
+    from compress import compare
+
+    proto = {"wikitext2": {"sha256": "ab", "seqlen": 512, "windows": 4, "bos": False}}
+
+    def run(quant, bits, group, ppl, bpw):
+        q = {"method": quant, "bits": bits, "group_size": group, "symmetric": True}
+        return {"status": "ok", "config": {"prune": {"method": "none"}, "quant": q},
+                "metrics": {"ppl": {"wikitext2": ppl}, "bits_per_weight": bpw}, "protocol": proto, "stages": [],
+                "_dir": f"{quant}-{bits}-{group}"}
+
+    runs = [run("rtn", b, g, 30 + 100 / b, b + (0.5 if g == 64 else 0.05)) for b in (8, 3, 4) for g in (64, -1)]
+    runs.append({**run("none", 4, 64, 28.7, None), "config": {"prune": {"method": "none"}, "quant": {"method": "none"}}})
+    rows = compare.rows_from_runs(runs)
+    series, dense = compare.bits_series(rows)
+    assert dense == 28.7 and sorted(series) == ["rtn ch sym", "rtn g64 sym"]
+    assert [w for _, _, w in series["rtn g64 sym"]] == [3, 4, 8]
+    assert compare.plot_bits(rows, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("pattern,act_order", [("unstructured", True), ("2:4", False), ("2:4", True)])
 def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern, act_order):
     """quant.joint=true: the mask is chosen and the kept weights quantized in one column loop (inside
