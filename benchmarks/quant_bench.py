@@ -77,6 +77,9 @@ for label, prune in (("sparsegpt_50", SGPT50), ("sparsegpt_2of4", SGPT24), ("bes
     CONFIGS[f"{label}+gptq_w4_g64_actorder (two passes)"] = dict(_q("gptq", 4, 64, True, act_order=True), prune=prune)
     CONFIGS[f"{label}+gptq_w4_g64_actorder (one pass)"] = dict(_q("gptq", 4, 64, True, joint=True, act_order=True),
                                                                 prune=one)
+    CONFIGS[f"{label}+gptq_w4_g64_mse (two passes)"] = dict(_q("gptq", 4, 64, True, mse=True), prune=prune)
+    CONFIGS[f"{label}+gptq_w4_g64_actorder_mse (two passes)"] = dict(_q("gptq", 4, 64, True, act_order=True, mse=True),
+                                                                      prune=prune)
 
 
 RELOAD = r"""
