@@ -148,6 +148,22 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _finish(fig, ax, xlabel: str, title: str, path: Path, legend: int = 0) -> None:
+    """Log-scale ppl axis, labels, grid, optional legend; write and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> bool:
     """ppl (log) against a cost axis ``x(row)`` (footprint or speed), one labelled point per run; False if no data."""
     pts = [r for r in rows if x(r) and r["ppl"] is not None and r["status"] == "ok"]
@@ -163,14 +179,7 @@ def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> b
         label = "dense" if r["dense"] else f"{r['recipe']} {r['sparsity'] or 0:.2f}"
         ax.scatter(x(r), r["ppl"], color="gray" if r["dense"] else None)
         ax.annotate(label, (x(r), r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, xlabel, title, path)
     return True
 
 
@@ -218,15 +227,8 @@ def plot_bits(rows: List[Dict], path: Path) -> bool:
                             color=line.get_color())
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label=f"dense fp32 ({dense:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight of the quantized linears (scales, zero points included)")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title("perplexity vs bits per weight")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "bits per weight of the quantized linears (scales, zero points included)",
+            "perplexity vs bits per weight", path, legend=7)
     return True
 
 
@@ -253,15 +255,7 @@ def plot(rows: List[Dict], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label=f"dense ({dense:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity of prunable linears")
-    ax.set_ylabel("perplexity (log)")
-    ax.set_title("perplexity vs sparsity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, "sparsity of prunable linears", "perplexity vs sparsity", path, legend=8)
 
 
 def main(argv=None) -> int:
