@@ -9,6 +9,8 @@ Built on ``accelerate`` (device placement, mixed precision, gradient accumulatio
 * ``precision``: ``fp32``, ``bf16``, ``fp16`` autocast with fp32 master weights (TF32 on for CUDA matmuls
   while training; the process-global switches are restored when ``fit`` returns);
 * ``method``: ``full``, ``lora`` (peft), ``qlora`` (4- or 8-bit frozen base via bitsandbytes);
+* ``callbacks``: hooks into the loop (before the optimizer step, at the end of a step) for what
+  trains alongside, e.g. the LoRA importance estimator of structured pruning;
 * ``pin_memory``; the loss is read back (``.item()``) only every ``log_every`` steps.
 
 Sparsity stays exact: the zero pattern of every prunable linear is recorded before training; full
@@ -167,7 +169,8 @@ class Trainer:
     """One trainer for every training need. ``fit()`` returns the (merged, plain) model."""
 
     def __init__(self, model, cfg: TrainConfig, train_ids: torch.Tensor, out_dir=None, teacher=None,
-                 eval_fn=None, masks: Optional[Dict[str, torch.Tensor]] = None, device: str = "cpu"):
+                 eval_fn=None, masks: Optional[Dict[str, torch.Tensor]] = None, device: str = "cpu",
+                 callbacks: Optional[List] = None):
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -205,6 +208,15 @@ class Trainer:
                 p.requires_grad_(False)
         self.step = 0
         self.history: List[Dict] = []
+        # objects with any of on_before_optimizer_step(trainer) (the step's gradients are complete),
+        # on_step_end(trainer) (after the update; ``trainer.step`` counts it): e.g. the LoRA estimator
+        self.callbacks = list(callbacks or [])
+
+    def _callback(self, event: str) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self)
 
     # -- loss
     def chunked_lm_loss(self, batch):
@@ -297,6 +309,7 @@ class Trainer:
                     loss = self.loss_fn(batch)
                     self.acc.backward(loss)
                     if self.acc.sync_gradients:
+                        self._callback("on_before_optimizer_step")
                         self.opt.step()
                         self.sched.step()
                         self.opt.zero_grad(set_to_none=True)
@@ -304,6 +317,7 @@ class Trainer:
                             self.keeper.apply()
                 pending = loss.detach() if pending is None else pending + loss.detach()
             self.step += 1
+            self._callback("on_step_end")
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 rec = {"step": self.step, "loss": float(pending) / cfg.grad_accum,  # one host sync per log
