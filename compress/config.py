@@ -16,7 +16,8 @@ from typing import Any, List, Optional
 
 # Names the stages accept. Kept here (not imported from the registries) so that validation never
 # imports torch; tests check these lists against the registries.
-PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "structured")
+IMPORTANCES = ("lora", "magnitude", "activation", "taylor", "block")
 TRAIN_METHODS = ("none", "full", "lora", "qlora")
 QUANT_METHODS = ("none", "bnb", "rtn", "gptq")
 STAGE_NAMES = ("prune", "train", "quant")
@@ -182,9 +183,34 @@ class PruneConfig:
     # also accumulate each linear's statistics on its inputs in the *dense* model (the dense stream,
     # same calibration windows): H = X_dense^T X_dense + X_pruned^T X_pruned (needs sequential=true)
     dense_stats: bool = False
+    # ---- method=structured: remove whole heads, MLP channels or blocks (compress/structured/)
+    importance: str = "activation"  # lora | magnitude | activation | taylor | block (block = depth pruning)
+    ratio: float = 0.2  # fraction of the decoder-block parameters removed
+    attn_unit: str = "kv_group"  # kv_group (a KV head and its query heads) | query_head (same count per group) | none
+    # fraction of the attention units (KV groups / query heads per group) removed in every block; null = the
+    # achievable fraction nearest to ratio. Default 0: MLP channels only, since on SmolLM2 (3 KV groups) one
+    # KV group costs far more quality than the same parameters in MLP channels (BENCHMARKS.md)
+    attn_fraction: Optional[float] = 0.0
+    round_to: int = 8  # kept MLP channels are a multiple of this (e.g. 64 for GPU kernels)
+    protect_first: int = 0  # block importance: never remove the first / last k blocks
+    protect_last: int = 0
+    activation_metric: str = "fluctuation"  # activation importance: fluctuation (FLAP) | wanda
+    # activation importance: add what the removed inputs of o / down gave on average (W[:, removed] @ mean x)
+    # to their biases (FLAP's baseline; families without those biases get them, and their config switch)
+    bias_compensation: bool = False
+    # lora importance (LoRAPrune): LoRA fine-tuning with the train group's LoRA settings, this many steps,
+    # groups masked on a cubic ramp between the warm-up and the cool-down (fractions of the steps)
+    lora_steps: int = 40
+    lora_warmup: float = 0.2
+    lora_cooldown: float = 0.2
+    lora_ema: float = 0.9  # moving average of the scores over steps
+    lora_every: int = 1  # prune every k steps on the ramp
+    lora_base: str = "fp"  # fp (the model's dtype) | 8bit | 4bit (bitsandbytes QLoRA base)
 
     def __post_init__(self):
         _choice("prune.method", self.method, PRUNE_METHODS)
+        if self.method == "structured":
+            self._check_structured()
         nm = parse_pattern(self.pattern)
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ConfigError(f"prune.sparsity={self.sparsity!r} is not valid: it must be in [0, 1)")
@@ -236,6 +262,35 @@ class PruneConfig:
             except re.error as e:
                 raise ConfigError(f"prune.targets/ignore has an invalid regex {rx!r}: {e}") from None
 
+
+    def _check_structured(self) -> None:
+        _choice("prune.importance", self.importance, IMPORTANCES)
+        _choice("prune.attn_unit", self.attn_unit, ("kv_group", "query_head", "none"))
+        _choice("prune.activation_metric", self.activation_metric, ("fluctuation", "wanda"))
+        _choice("prune.lora_base", self.lora_base, ("fp", "8bit", "4bit"))
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 0.95:
+            raise ConfigError(f"prune.ratio={self.ratio!r} is not valid: it must be in (0, 0.95) (a fraction of the "
+                              "decoder-block parameters)")
+        if self.attn_fraction is not None and not 0.0 <= float(self.attn_fraction) < 1.0:
+            raise ConfigError(f"prune.attn_fraction={self.attn_fraction!r} is not valid: it must be in [0, 1) or null")
+        _positive("prune.round_to", self.round_to)
+        _positive("prune.lora_steps", self.lora_steps)
+        _positive("prune.lora_every", self.lora_every)
+        for k in ("protect_first", "protect_last"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                raise ConfigError(f"prune.{k}={getattr(self, k)!r} is not valid: it must be an integer >= 0")
+        if (self.protect_first or self.protect_last) and self.importance != "block":
+            raise ConfigError("prune.protect_first/protect_last need prune.importance=block: width pruning keeps "
+                              "uniform widths (every block cut alike, so that stock from_pretrained reloads it), and "
+                              "protected blocks would make them non-uniform")
+        if not (0 <= self.lora_warmup < 1 and 0 <= self.lora_cooldown < 1 and self.lora_warmup + self.lora_cooldown < 1):
+            raise ConfigError(f"prune.lora_warmup={self.lora_warmup} / lora_cooldown={self.lora_cooldown}: each in "
+                              "[0, 1) and together below 1 (the ramp lies between them)")
+        if self.bias_compensation and self.importance != "activation":
+            raise ConfigError("prune.bias_compensation=true needs prune.importance=activation (it uses the input means "
+                              "of the calibration pass)")
+        if not 0 <= self.lora_ema < 1:
+            raise ConfigError(f"prune.lora_ema={self.lora_ema!r} is not valid: it must be in [0, 1)")
 
     def needs_single_pass(self) -> str:
         """The option that only the single pass supports, or '' (``sequential=auto`` then picks it)."""
@@ -391,6 +446,12 @@ class Config:
                               "e.g. stages=[prune, train, quant]")
         if self.quant.joint:
             self._check_joint(order)
+        q = self.quant
+        if (self.prune.method == "structured" and q.method in ("rtn", "gptq") and q.group_size != -1
+                and self.prune.round_to % q.group_size):
+            raise ConfigError(f"prune.round_to={self.prune.round_to} with quant.group_size={q.group_size}: the kept MLP "
+                              "width must stay divisible by the quant group; set prune.round_to to a multiple of "
+                              f"{q.group_size} (e.g. prune.round_to={q.group_size})")
 
     def _check_joint(self, order: List[str]) -> None:
         q, p = self.quant, self.prune

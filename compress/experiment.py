@@ -34,6 +34,12 @@ def _stage_prune(ctx: StageContext, info: Dict) -> None:
     from compress.errors import ShortfallError
     from compress.pruning import prune_model
 
+    if ctx.cfg.prune.method == "structured":
+        from compress.structured.stage import structured_stage
+
+        structured_stage(ctx, info)  # sets ctx.model (the LoRA estimator hands back the merged model)
+        return
+
     def record(report):
         info.update(report.summary())
         if report.mode:
@@ -134,6 +140,8 @@ def speed_into(ctx: StageContext, info: Dict) -> None:
     from compress.speed import prefill_throughput, semi_structured_available, to_semi_structured
 
     e = ctx.cfg.eval
+    if ctx.artifacts.get("structured"):
+        return structured_speed_into(ctx, info)
     res = prefill_throughput(ctx.model, e.speed_batch_size, e.speed_seqlen)
     out = {"tokens_per_s": res["tokens_per_s"], "ms_per_batch": res["ms_per_batch"], "kernels": "dense",
            "batch_size": e.speed_batch_size, "seqlen": e.speed_seqlen, "device": res["device"], "dtype": res["dtype"]}
@@ -146,6 +154,36 @@ def speed_into(ctx: StageContext, info: Dict) -> None:
                        sparse24_speedup=sp["tokens_per_s"] / res["tokens_per_s"])
     ctx.record.data["metrics"]["speed"] = out
     info.update(out)
+
+
+def structured_speed_into(ctx: StageContext, info: Dict) -> None:
+    """Dense and structurally pruned model measured interleaved in this process: prefill tokens/s at batch 1
+    and ``eval.speed_batch_size`` (last-position logits), decode tokens/s (batch 1, KV cache, 128 tokens),
+    with the analytic FLOP-ratio ceiling beside the measured prefill ratio."""
+    from compress.models import load_model
+    from compress.speed import serving_speed
+    from compress.structured.surgery import flops_per_token
+
+    e = ctx.cfg.eval
+    dense, _ = load_model(ctx.cfg.model, device=ctx.device)
+    res = serving_speed({"dense": dense, "pruned": ctx.model}, batch_sizes=sorted({1, e.speed_batch_size}),
+                        seqlen=e.speed_seqlen)
+    del dense
+    st = ctx.artifacts["structured"]
+    fb, fa = st["flops_per_token_before"], flops_per_token(ctx.model, e.speed_seqlen)
+    ceiling = fb["total"] / fa["total"]
+    pr = res["models"]["pruned"]
+    b = e.speed_batch_size
+    out = {"tokens_per_s": pr[f"prefill_b{b}_tokens_per_s"], "batch_size": b, "seqlen": e.speed_seqlen,
+           "device": res["device"], "dtype": res["dtype"], "kernels": "dense", "logits": "last position",
+           "dense_tokens_per_s": res["models"]["dense"][f"prefill_b{b}_tokens_per_s"],
+           "speedup": pr["speedup"], "flop_ratio_ceiling": ceiling,
+           "fraction_of_ceiling": {k: v / ceiling for k, v in pr["speedup"].items() if k.startswith("prefill")},
+           "detail": res}
+    ctx.record.data["metrics"]["speed"] = out
+    info.update({k: v for k, v in out.items() if k != "detail"})
+    print(f"  speed (dense -> pruned, interleaved): " + ", ".join(f"{k} {v:.3f}x" for k, v in pr["speedup"].items())
+          + f"; FLOP ceiling {ceiling:.3f}x")
 
 
 def final_evals(ctx: StageContext, save_to: Optional[Path] = None) -> None:
@@ -195,7 +233,24 @@ def save_model(ctx: StageContext, save_to: Path) -> Dict:
     from compress.quant.export import weights_fingerprint
 
     out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
+    if ctx.artifacts.get("structured"):
+        out["probe"] = save_probe_logits(ctx.model, Path(save_to).parent / "probe_logits.safetensors")
     return out
+
+
+def save_probe_logits(model, path: Path, batch: int = 2, seqlen: int = 64, keep: int = 8) -> Dict:
+    """The in-memory model's logits on fixed random token ids (the last ``keep`` positions), saved beside the
+    model so that a reload can be compared logit by logit (``benchmarks/reload_check.py``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, -keep:].float().cpu().contiguous()
+    save_file({"ids": ids, "logits": logits}, str(path))
+    return {"path": str(path), "ids": [batch, seqlen], "positions": keep}
 
 
 def check_group_size(cfg: Config) -> None:
@@ -328,6 +383,9 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             return json.loads(done.read_text())
     if model is None:
         check_group_size(cfg)  # before any weight is read
+        from compress.structured.stage import check_structured
+
+        check_structured(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     from omegaconf import OmegaConf

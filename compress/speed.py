@@ -7,6 +7,10 @@ one throughput measurement used by the benchmarks and the ``eval.speed`` switch.
 
 On CPU there is no 2:4 kernel: :func:`to_semi_structured` raises, and :func:`prefill_throughput`
 measures the dense kernels (the honest CPU figure for a pruned model is the dense one).
+
+:func:`serving_speed` measures several models interleaved in one process the way a server runs them:
+prefill with last-position logits at several batch sizes, and greedy decoding with a KV cache (used for
+structured pruning, whose smaller shapes are faster on any kernel).
 """
 
 from __future__ import annotations
@@ -91,3 +95,72 @@ def prefill_throughput(model: nn.Module, batch_size: int = 8, seqlen: int = 512,
     med = times[len(times) // 2]
     return {"tokens_per_s": batch_size * seqlen / med, "ms_per_batch": med * 1e3, "batch_size": batch_size,
             "seqlen": seqlen, "iters": iters, "device": str(device), "dtype": str(next(model.parameters()).dtype)}
+
+
+@torch.no_grad()
+def _prefill_once(model, ids) -> float:
+    device = ids.device
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)  # last-position logits, as a serving engine
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode_once(model, prompt, new_tokens: int) -> float:
+    device = prompt.device
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    _sync(device)
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"decode produced {out.shape[1] - prompt.shape[1]} tokens, expected {new_tokens}")
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def serving_speed(models: Dict[str, nn.Module], batch_sizes=(1, 8), seqlen: int = 512, new_tokens: int = 128,
+                  prompt_len: int = 32, rounds: int = 5, warmup: int = 1, seed: int = 0) -> Dict:
+    """Prefill tokens/s (last-position logits) at each batch size and decode tokens/s (batch 1, KV cache,
+    ``new_tokens`` greedy tokens after a ``prompt_len`` prompt) of several models, measured interleaved in
+    this process (round by round, each model in turn) so that they share the machine's state; medians.
+    Ratios are to the first model."""
+    names = list(models)
+    m0 = models[names[0]]
+    device = next(m0.parameters()).device
+    vocab = m0.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = {b: torch.randint(0, vocab, (b, seqlen), generator=g).to(device) for b in batch_sizes}
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)
+    for m in models.values():
+        m.eval()
+        for b in batch_sizes:
+            for _ in range(warmup):
+                _prefill_once(m, ids[b])
+        _decode_once(m, prompt, min(8, new_tokens))
+    times = {n: {f"prefill_b{b}": [] for b in batch_sizes} | {"decode_b1": []} for n in names}
+    for _ in range(rounds):
+        for n in names:
+            for b in batch_sizes:
+                times[n][f"prefill_b{b}"].append(_prefill_once(models[n], ids[b]))
+            times[n]["decode_b1"].append(_decode_once(models[n], prompt, new_tokens))
+    out = {"device": str(device), "dtype": str(next(m0.parameters()).dtype), "seqlen": seqlen, "rounds": rounds,
+           "new_tokens": new_tokens, "prompt_len": prompt_len, "batch_sizes": list(batch_sizes), "models": {}}
+    for n in names:
+        r = {}
+        for key, ts in times[n].items():
+            med = sorted(ts)[len(ts) // 2]
+            if key.startswith("prefill"):
+                b = int(key.split("_b")[1])
+                r[key + "_tokens_per_s"] = b * seqlen / med
+            else:
+                r[key + "_tokens_per_s"] = new_tokens / med
+            r[key + "_s"] = med
+        out["models"][n] = r
+    base = out["models"][names[0]]
+    for n in names[1:]:
+        out["models"][n]["speedup"] = {k.replace("_tokens_per_s", ""): v / base[k] for k, v in out["models"][n].items()
+                                       if k.endswith("_tokens_per_s")}
+    return out

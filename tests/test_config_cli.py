@@ -95,7 +95,11 @@ def test_new_eval_keys_fail_fast_from_the_cli(tmp_path):
 def test_method_names_match_registry():
     from compress.pruning import REGISTRY
 
-    assert set(PRUNE_METHODS) - {"none"} == set(REGISTRY)
+    assert set(PRUNE_METHODS) - {"none", "structured"} == set(REGISTRY)  # structured: its own stage
+    from compress.config import IMPORTANCES
+    from compress.structured.importance import ESTIMATORS
+
+    assert set(IMPORTANCES) == set(ESTIMATORS) | {"lora"}  # lora: the trainer callback, not a one-shot estimator
 
 
 def test_every_shipped_yaml_composes():

@@ -1,0 +1,214 @@
+"""LoRAPrune: structural importance from the LoRA factors while fine-tuning, pruned on a schedule.
+
+With a frozen weight W and a LoRA update s·BA (A ``[r, in]``, B ``[out, r]``), one SGD step of unit
+rate on A and B moves the merged weight W + s·BA by
+
+    s·((B - G_B)(A - G_A) - BA) = -s·(G_B A + B G_A - G_B G_A),
+
+so ``Ĝ = s·(G_B A + B G_A - G_B G_A)`` (:func:`lora_grad_estimate`) stands in for dL/dW without ever
+forming the full gradient: its first two terms are s²·(G AᵀA + B Bᵀ G), the true gradient G projected
+on the LoRA subspaces. Each weight is scored ``((W + s·BA) ⊙ Ĝ)²`` (:func:`lora_weight_scores`), summed
+per group and normalised per module (:func:`compress.structured.importance.group_scores`), and smoothed
+by an exponential moving average over steps.
+
+:class:`LoraPruneCallback` plugs into the shared trainer (``on_before_optimizer_step`` sees the complete
+gradients of a step, ``on_step_end`` prunes): groups are masked progressively on a cubic ramp, none in
+the warm-up (B starts at zero, so the first scores are noise), all of the plan's groups from the start of
+the cool-down on. Masked groups never come back. The frozen base may be fp32/bf16 or bitsandbytes
+8/4-bit (QLoRA), dequantized per module only while its scores are computed.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from compress.calibration.blocks import find_blocks
+from compress.structured.groups import ModelStructure
+from compress.structured.importance import attn_scores, group_scores
+from compress.structured.surgery import Keep, WidthPlan
+
+
+def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s·(G_B A + B G_A - G_B G_A)``: minus the change of the merged weight under one unit SGD step."""
+    A, B, gA, gB = (t.float() for t in (A, B, gA, gB))
+    return scaling * (gB @ A + B @ gA - gB @ gA)
+
+
+def base_weight(layer) -> torch.Tensor:
+    """The frozen base weight of a peft LoRA layer as a float ``[out, in]`` tensor (bitsandbytes dequantized)."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
+    w = base.weight
+    if w.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return w.detach().float()
+    from compress.quant.bnb import dequantized_weight
+
+    return dequantized_weight(base).float()
+
+
+def lora_weight_scores(layer, adapter: str = "default") -> Optional[torch.Tensor]:
+    """``((W + s·BA) ⊙ Ĝ)²`` for one peft LoRA layer, or None before its factors have gradients."""
+    A = layer.lora_A[adapter].weight
+    B = layer.lora_B[adapter].weight
+    if A.grad is None or B.grad is None:
+        return None
+    s = layer.scaling[adapter]
+    g = lora_grad_estimate(A.detach(), B.detach(), A.grad, B.grad, s)
+    merged = base_weight(layer) + s * (B.detach().float() @ A.detach().float())
+    return (merged * g).square()
+
+
+def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
+    """Fraction of the final removal reached after ``step`` completed steps: 0 in the warm-up, a cubic
+    ramp 1 - (1 - u)³, 1 from the start of the cool-down."""
+    t0 = int(round(warmup * total))
+    t1 = max(t0 + 1, total - int(round(cooldown * total)))
+    if step <= t0:
+        return 0.0
+    if step >= t1:
+        return 1.0
+    u = (step - t0) / (t1 - t0)
+    return 1.0 - (1.0 - u) ** 3
+
+
+def _lora_layers(model: nn.Module, structure: ModelStructure) -> List[Dict[str, nn.Module]]:
+    """Per block, role -> the peft LoRA layer wrapping that role's linear (found by the role names)."""
+    _, blocks = find_blocks(model)
+    roles = structure.roles
+    names = {"q": roles.q, "k": roles.k, "v": roles.v, "o": roles.o, "up": roles.up, "down": roles.down}
+    if roles.gate:
+        names["gate"] = roles.gate
+    out = []
+    for block in blocks:
+        d = {}
+        for r, rel in names.items():
+            mod = block.get_submodule(rel)
+            if not hasattr(mod, "lora_A"):
+                raise RuntimeError(f"LoRA estimator: {rel} has no LoRA adapter (train.lora_targets must cover every "
+                                   "structured role)")
+            d[r] = mod
+        out.append(d)
+    return out
+
+
+class LoraPruneCallback:
+    """Scores, schedules and masks during LoRA fine-tuning (see the module docstring)."""
+
+    def __init__(self, structure: ModelStructure, plan: WidthPlan, total_steps: int, warmup: float = 0.2,
+                 cooldown: float = 0.2, ema: float = 0.9, every: int = 1, round_to: int = 1):
+        self.structure, self.plan, self.total = structure, plan, total_steps
+        self.warmup, self.cooldown, self.ema, self.every, self.round_to = warmup, cooldown, ema, every, round_to
+        self.scores: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(structure.blocks)
+        self.layers: Optional[List[Dict[str, nn.Module]]] = None
+        self.handles = []
+        self.masks = []  # per block: (o column mask, down column mask), updated in place
+        self.removed_attn = [set() for _ in structure.blocks]  # KV groups, or query heads
+        self.removed_ch = [set() for _ in structure.blocks]
+        self.history: List[Dict] = []
+
+    # -- set-up on the trainer's (peft) model
+    def attach(self, model: nn.Module) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.layers = _lora_layers(base, self.structure)
+        for b, lay in zip(self.structure.blocks, self.layers):
+            dev = lay["o"].lora_A["default"].weight.device
+            om = torch.ones(b.n_heads * b.head_dim, device=dev)
+            dm = torch.ones(b.intermediate, device=dev)
+            self.masks.append((om, dm))
+            for role, mask in (("o", om), ("down", dm)):
+                self.handles.append(lay[role].register_forward_pre_hook(
+                    lambda m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # -- trainer callbacks
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer) -> None:
+        if self.layers is None:
+            self.attach(trainer.model)
+        for i, (b, lay) in enumerate(zip(self.structure.blocks, self.layers)):
+            S = {}
+            for r, layer in lay.items():
+                s = lora_weight_scores(layer)
+                if s is not None:
+                    S[r] = s
+            if not S:
+                continue
+            new = group_scores(b, S)
+            old = self.scores[i]
+            self.scores[i] = new if old is None else {k: self.ema * old[k] + (1 - self.ema) * new[k] for k in new}
+
+    def on_step_end(self, trainer) -> None:
+        if self.layers is None:
+            self.attach(trainer.model)
+        step = trainer.step
+        if step % self.every and step < self.total:
+            return
+        self.prune_to(cubic_fraction(step, self.total, self.warmup, self.cooldown), step)
+
+    # -- pruning
+    def _count(self, full: int, frac: float, multiple: int = 1) -> int:
+        if frac >= 1.0:
+            return full
+        return int(round(full * frac / multiple)) * multiple if multiple > 1 else int(round(full * frac))
+
+    @torch.no_grad()
+    def prune_to(self, frac: float, step: int = -1) -> None:
+        p = self.plan
+        na = self._count(p.attn_remove, frac)
+        nc = self._count(p.channel_remove, frac, self.round_to)
+        for i, b in enumerate(self.structure.blocks):
+            s = self.scores[i]
+            if s is None and (na or nc):
+                raise RuntimeError("LoRA estimator: pruning was scheduled before any LoRA gradient was seen; "
+                                   "increase prune.lora_warmup or prune.lora_steps")
+            om, dm = self.masks[i]
+            if p.attn_remove and p.attn_unit == "kv_group":
+                need = na - len(self.removed_attn[i])
+                if need > 0:
+                    sc = attn_scores(b, s, "kv_group").clone()
+                    sc[list(self.removed_attn[i])] = float("inf")
+                    for g in torch.argsort(sc, stable=True)[:need].tolist():
+                        self.removed_attn[i].add(g)
+                        for h in range(g * b.group_size, (g + 1) * b.group_size):
+                            om[h * b.head_dim:(h + 1) * b.head_dim] = 0
+            elif p.attn_remove and p.attn_unit == "query_head":
+                sc = attn_scores(b, s, "query_head").clone()
+                for g in range(b.n_kv):
+                    have = [h for h in self.removed_attn[i] if h // b.group_size == g]
+                    need = na - len(have)
+                    if need <= 0:
+                        continue
+                    row = sc[g].clone()
+                    for h in have:
+                        row[h - g * b.group_size] = float("inf")
+                    for j in torch.argsort(row, stable=True)[:need].tolist():
+                        h = g * b.group_size + j
+                        self.removed_attn[i].add(h)
+                        om[h * b.head_dim:(h + 1) * b.head_dim] = 0
+            need = nc - len(self.removed_ch[i])
+            if need > 0:
+                sc = s["channels"].clone()
+                sc[list(self.removed_ch[i])] = float("inf")
+                idx = torch.argsort(sc, stable=True)[:need].tolist()
+                self.removed_ch[i].update(idx)
+                dm[idx] = 0
+        self.history.append({"step": step, "fraction": frac, "attn_removed": na, "channels_removed": nc})
+
+    def keeps(self) -> List[Keep]:
+        out = []
+        for i, b in enumerate(self.structure.blocks):
+            if self.plan.attn_unit == "kv_group":
+                kv = [g for g in range(b.n_kv) if g not in self.removed_attn[i]]
+                q = [h for h in range(b.n_heads) if h // b.group_size in kv]
+            else:
+                kv = list(range(b.n_kv))
+                q = [h for h in range(b.n_heads) if h not in self.removed_attn[i]]
+            ch = [c for c in range(b.intermediate) if c not in self.removed_ch[i]]
+            out.append(Keep(q, kv, ch))
+        return out

@@ -1,0 +1,372 @@
+"""What to keep, masking it, and removing the rest for real.
+
+* :class:`Keep` lists, per block, the query heads, KV heads and MLP channels that stay (indices into the
+  block's current layout). :func:`plan_widths` turns a ratio of decoder-block parameters into the number
+  of attention units and channels removed per block; :func:`select` keeps the highest-scored ones.
+* :func:`mask_hooks` zeroes the removed heads' and channels' contributions (forward pre-hooks on o and down
+  that zero their input columns). With bias-free q/k/v this is exactly the removal; it is what the LoRA
+  estimator trains through, and what the physical removal is tested against.
+* :func:`remove_width` slices the linears for real and writes the new sizes into the config;
+  :func:`remove_blocks` drops whole blocks, renumbers ``layer_idx`` and trims per-layer config lists, so
+  that a KV cache (which is built from the config) still lines up.
+
+All functions take the structure from :mod:`compress.structured.groups`; nothing here knows a family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from compress.calibration.blocks import find_blocks
+from compress.structured.groups import BlockStructure, ModelStructure, text_config
+
+
+@dataclass
+class Keep:
+    """Indices kept in one block (sorted): query heads, KV heads, MLP channels."""
+
+    q_heads: List[int]
+    kv_heads: List[int]
+    channels: List[int]
+
+    def to_dict(self) -> Dict:
+        return {"q_heads": self.q_heads, "kv_heads": self.kv_heads, "channels_kept": len(self.channels)}
+
+
+@dataclass
+class WidthPlan:
+    """Per block: attention units and MLP channels to remove (uniform across blocks)."""
+
+    attn_unit: str  # kv_group | query_head | none
+    attn_units: int  # units per block (KV groups, or query heads per group)
+    attn_remove: int
+    channels: int
+    channel_remove: int
+    block_params: int
+    removed_params: int  # per block
+
+    @property
+    def ratio(self) -> float:
+        return self.removed_params / self.block_params
+
+    def to_dict(self) -> Dict:
+        return dict(attn_unit=self.attn_unit, attn_units=self.attn_units, attn_remove=self.attn_remove,
+                    channels=self.channels, channel_remove=self.channel_remove, block_params=self.block_params,
+                    removed_params_per_block=self.removed_params, ratio=self.ratio)
+
+
+def _linear_params(m: nn.Linear) -> int:
+    return m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+
+
+def block_params(block: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in block.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def unit_params(b: BlockStructure, attn_unit: str) -> Tuple[int, int]:
+    """Parameters removed with one attention unit and with one MLP channel (weights and biases)."""
+    m = b.modules
+    hd = b.head_dim
+    per_q = hd * (m["q"].in_features + (1 if m["q"].bias is not None else 0)) + hd * m["o"].out_features
+    per_kv = hd * (m["k"].in_features + (1 if m["k"].bias is not None else 0)) \
+        + hd * (m["v"].in_features + (1 if m["v"].bias is not None else 0))
+    if attn_unit == "kv_group":
+        attn = b.group_size * per_q + per_kv
+    elif attn_unit == "query_head":
+        attn = b.n_kv * per_q  # one head inside every group
+    else:
+        attn = 0
+    ch = sum(m[r].in_features + (1 if m[r].bias is not None else 0) for r in ("gate", "up") if r in m) \
+        + m["down"].out_features
+    return attn, ch
+
+
+def plan_widths(b: BlockStructure, block_total: int, ratio: float, attn_unit: str = "kv_group",
+                attn_fraction: Optional[float] = None, round_to: int = 8, prune_mlp: bool = True) -> WidthPlan:
+    """How many attention units and MLP channels to remove per block for ``ratio`` of the block's parameters.
+
+    Attention comes in coarse steps (a KV group is 1/n_kv of the attention): ``attn_fraction`` (of the
+    attention units) is used as given, else the achievable fraction nearest to ``ratio`` (the lower one on a
+    tie, never all units). The MLP channels make up the rest, rounded to a multiple of ``round_to`` kept
+    channels. Raises when the ratio cannot be reached."""
+    units = b.n_kv if attn_unit == "kv_group" else b.group_size if attn_unit == "query_head" else 0
+    per_attn, per_ch = unit_params(b, attn_unit)
+    target = ratio * block_total
+    if units:
+        if attn_fraction is None:
+            options = list(range(0, units))  # never every unit
+            attn_remove = min(options, key=lambda k: (abs(k / units - ratio), k))
+        else:
+            attn_remove = int(round(attn_fraction * units))
+            if attn_remove >= units:
+                raise ValueError(f"prune.attn_fraction={attn_fraction} removes all {units} attention units")
+    else:
+        attn_remove = 0
+    rest = max(0.0, target - attn_remove * per_attn)
+    ch_remove = 0
+    if prune_mlp:
+        keep = b.intermediate - rest / per_ch
+        keep = max(round_to, int(round(keep / round_to)) * round_to) if round_to > 1 else max(1, int(round(keep)))
+        ch_remove = max(0, b.intermediate - keep)
+        if ch_remove >= b.intermediate:
+            raise ValueError(f"ratio {ratio} would remove every MLP channel of {b.intermediate}")
+    removed = attn_remove * per_attn + ch_remove * per_ch
+    return WidthPlan(attn_unit if units else "none", units, attn_remove, b.intermediate, ch_remove, block_total, removed)
+
+
+def select(structure: ModelStructure, plan: WidthPlan, scores: Sequence[Dict[str, torch.Tensor]]) -> List[Keep]:
+    """Per block, keep the highest-scored units. ``scores[i]``: ``attn`` (one score per unit: per KV group,
+    or ``[n_kv, group]`` per query head) and ``channels``."""
+    keeps = []
+    for b, s in zip(structure.blocks, scores):
+        q = list(range(b.n_heads))
+        kv = list(range(b.n_kv))
+        if plan.attn_remove and plan.attn_unit == "kv_group":
+            sc = s["attn"].reshape(b.n_kv)
+            drop = set(torch.argsort(sc, stable=True)[:plan.attn_remove].tolist())
+            kv = [g for g in kv if g not in drop]
+            q = [h for h in q if h // b.group_size not in drop]
+        elif plan.attn_remove and plan.attn_unit == "query_head":
+            sc = s["attn"].reshape(b.n_kv, b.group_size)
+            q = []
+            for g in range(b.n_kv):
+                order = torch.argsort(sc[g], stable=True)[plan.attn_remove:]  # drop the lowest in each group
+                q += sorted(g * b.group_size + int(j) for j in order)
+        ch = list(range(b.intermediate))
+        if plan.channel_remove:
+            order = torch.argsort(s["channels"].reshape(-1), stable=True)[plan.channel_remove:]
+            ch = sorted(int(c) for c in order)
+        keeps.append(Keep(sorted(q), sorted(kv), ch))
+    return keeps
+
+
+# ---------------------------------------------------------------- masks
+def column_masks(b: BlockStructure, keep: Keep, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Input-column masks of o (per head dims) and down (per channel), 1 = kept."""
+    om = torch.zeros(b.n_heads, b.head_dim, device=device)
+    om[keep.q_heads] = 1
+    dm = torch.zeros(b.intermediate, device=device)
+    dm[keep.channels] = 1
+    return om.reshape(-1), dm
+
+
+def mask_hooks(structure: ModelStructure, keeps: Sequence[Keep], modules: Optional[Sequence[Dict[str, nn.Module]]] = None):
+    """Forward pre-hooks that zero the removed heads' and channels' inputs to o and down. ``modules``: the
+    modules to hook per block (default the structure's own; e.g. LoRA wrappers). Returns the handles."""
+    handles = []
+    for i, (b, k) in enumerate(zip(structure.blocks, keeps)):
+        mods = modules[i] if modules is not None else b.modules
+        om, dm = column_masks(b, k, b.modules["o"].weight.device)
+        for role, mask in (("o", om), ("down", dm)):
+            if bool((mask == 0).any()):
+                def hook(module, args, mask=mask):
+                    x = args[0]
+                    return (x * mask.to(x.dtype),) + tuple(args[1:])
+                handles.append(mods[role].register_forward_pre_hook(hook))
+    return handles
+
+
+# ---------------------------------------------------------------- physical removal
+def _slice_linear(lin: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> None:
+    """Shrink ``lin`` in place to the given output rows / input columns (weight, bias, and the sizes)."""
+    with torch.no_grad():
+        w = lin.weight
+        if rows is not None:
+            w = w.index_select(0, rows.to(w.device))
+        if cols is not None:
+            w = w.index_select(1, cols.to(w.device))
+        lin.weight = nn.Parameter(w.contiguous(), requires_grad=lin.weight.requires_grad)
+        if lin.bias is not None and rows is not None:
+            lin.bias = nn.Parameter(lin.bias.index_select(0, rows.to(w.device)).contiguous(),
+                                    requires_grad=lin.bias.requires_grad)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+
+
+def remove_width(model: nn.Module, structure: ModelStructure, keeps: Sequence[Keep]) -> Dict:
+    """Remove the heads and channels not in ``keeps`` from every block, and write the new sizes into the
+    config (uniform widths: one value per key). Returns the new sizes."""
+    roles = structure.roles
+    widths = []
+    for b, k in zip(structure.blocks, keeps):
+        m = b.modules
+        if len(k.q_heads) < b.n_heads or len(k.kv_heads) < b.n_kv:
+            if len(k.q_heads) % max(1, len(k.kv_heads)):
+                raise ValueError(f"block {b.index}: {len(k.q_heads)} query heads do not split into "
+                                 f"{len(k.kv_heads)} KV groups")
+            for h in k.q_heads:  # GQA: every kept query head must read a kept KV head, in equal groups
+                if h // b.group_size not in k.kv_heads:
+                    raise ValueError(f"block {b.index}: query head {h} reads KV head {h // b.group_size}, which is removed")
+            per_group = {g: sum(1 for h in k.q_heads if h // b.group_size == g) for g in k.kv_heads}
+            if len(set(per_group.values())) > 1:
+                raise ValueError(f"block {b.index}: unequal query heads per KV group {per_group}")
+            if roles.head_dim_key is None:
+                raise ValueError(f"{structure.model_type}: its config has no head_dim field, so removing heads "
+                                 "would not reload with from_pretrained; prune MLP channels or blocks only "
+                                 "(prune.attn_unit=none)")
+            qr = _head_rows(k.q_heads, b.head_dim)
+            kvr = _head_rows(k.kv_heads, b.head_dim)
+            _slice_linear(m["q"], rows=qr)
+            _slice_linear(m["k"], rows=kvr)
+            _slice_linear(m["v"], rows=kvr)
+            _slice_linear(m["o"], cols=qr)
+            attn = model.get_submodule(f"{structure.blocks_name}.{b.index}.{roles.o.rsplit('.', 1)[0]}") \
+                if "." in roles.o else None
+            if attn is not None:
+                nh, nkv = len(k.q_heads), len(k.kv_heads)
+                for a, v in (("num_heads", nh), ("num_key_value_heads", nkv), ("num_key_value_groups", nh // nkv)):
+                    if a in roles.attn_attrs and hasattr(attn, a):
+                        setattr(attn, a, v)
+        if len(k.channels) < b.intermediate:
+            ch = torch.tensor(k.channels, dtype=torch.long)
+            for r in ("gate", "up"):
+                if r in m:
+                    _slice_linear(m[r], rows=ch)
+            _slice_linear(m["down"], cols=ch)
+        widths.append((len(k.q_heads), len(k.kv_heads), len(k.channels)))
+    if len(set(widths)) != 1:
+        raise ValueError(f"non-uniform widths {sorted(set(widths))}: stock from_pretrained builds every layer from one "
+                         "config (uniform widths only)")
+    nh, nkv, inter = widths[0]
+    cfg = text_config(model)
+    b0 = structure.blocks[0]
+    setattr(cfg, roles.heads_key, nh)
+    if roles.kv_heads_key:
+        setattr(cfg, roles.kv_heads_key, nkv)
+    if roles.head_dim_key:
+        setattr(cfg, roles.head_dim_key, b0.head_dim)  # explicit: hidden / heads no longer gives it
+    setattr(cfg, roles.intermediate_key, inter)
+    return {roles.heads_key: nh, roles.kv_heads_key or "kv_heads": nkv, roles.head_dim_key or "head_dim": b0.head_dim,
+            roles.intermediate_key: inter}
+
+
+def remove_blocks(model: nn.Module, drop: Sequence[int]) -> Dict:
+    """Remove whole decoder blocks, renumber ``layer_idx`` everywhere below the kept blocks, and trim the
+    config's per-layer lists (``layer_types`` and any list with one entry per layer)."""
+    blocks_name, blocks = find_blocks(model)
+    n = len(blocks)
+    drop = sorted(set(int(d) for d in drop))
+    if any(d < 0 or d >= n for d in drop) or len(drop) >= n:
+        raise ValueError(f"cannot remove blocks {drop} of {n}")
+    kept = [i for i in range(n) if i not in drop]
+    parent = model.get_submodule(blocks_name.rsplit(".", 1)[0]) if "." in blocks_name else model
+    new = nn.ModuleList([blocks[i] for i in kept])
+    setattr(parent, blocks_name.rsplit(".", 1)[-1], new)
+    for new_idx, block in enumerate(new):
+        for mod in block.modules():
+            if hasattr(mod, "layer_idx") and isinstance(getattr(mod, "layer_idx"), int):
+                mod.layer_idx = new_idx
+    cfg = text_config(model)
+    trimmed = []
+    for key, val in list(vars(cfg).items()):
+        if isinstance(val, (list, tuple)) and len(val) == n and not key.startswith("_"):
+            setattr(cfg, key, type(val)(val[i] for i in kept))
+            trimmed.append(key)
+    cfg.num_hidden_layers = len(kept)
+    return {"removed_blocks": drop, "num_hidden_layers": len(kept), "trimmed_config_lists": trimmed}
+
+
+# ---------------------------------------------------------------- counting
+def flops_per_token(model: nn.Module, seqlen: int, last_logits_only: bool = True) -> Dict:
+    """Analytic forward FLOPs per token of a prefill of ``seqlen`` tokens: 2 x every block linear's weights,
+    plus attention's scores and weighted sum, 2 x 2 x heads x head_dim x the mean causal context
+    ((seqlen + 1) / 2), plus the LM head (once per sequence with ``last_logits_only``, as a serving
+    engine computes it)."""
+    from compress.calibration import resolve_targets
+
+    lin = 0
+    for mod in resolve_targets(model).flat().values():
+        lin += 2 * mod.weight.numel()
+    attn = 0
+    try:
+        st = block_structure_safe(model)
+    except Exception:
+        st = None
+    ctx = (seqlen + 1) / 2
+    if st is not None:
+        attn = sum(4 * b.n_heads * b.head_dim * ctx for b in st.blocks)
+    head = model.get_output_embeddings()
+    head_flops = 2 * head.weight.numel() * ((1 / seqlen) if last_logits_only else 1) if head is not None else 0
+    return {"linear": lin, "attention": attn, "lm_head": head_flops, "total": lin + attn + head_flops, "seqlen": seqlen,
+            # False for an architecture outside the role map: its attention term is then not counted
+            "attention_counted": st is not None}
+
+
+def block_structure_safe(model):
+    from compress.structured.groups import block_structure
+
+    return block_structure(model)
+
+
+def count_params(model: nn.Module) -> Dict:
+    _, blocks = find_blocks(model)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    blk = sum(block_params(b) for b in blocks)
+    return {"params_total": total, "params_blocks": blk, "blocks": len(blocks)}
+
+
+def ceil_ratio(dense: Dict, pruned: Dict) -> float:
+    return dense["total"] / pruned["total"] if pruned["total"] else math.inf
+
+
+# ---------------------------------------------------------------- FLAP bias compensation
+@torch.no_grad()
+def bias_compensation(structure: ModelStructure, keeps: Sequence[Keep], means: Sequence[Dict[str, torch.Tensor]]) -> List[Dict]:
+    """FLAP's baseline: what the removed inputs of o and down contributed on average, W[:, removed] @ mean(x)[removed],
+    per block. ``means[i][role]``: the mean of each input column over the calibration tokens. Call before
+    :func:`remove_width`; apply with :func:`add_output_bias` after it."""
+    out = []
+    for b, k, mu in zip(structure.blocks, keeps, means):
+        comp = {}
+        om, dm = column_masks(b, k, b.modules["o"].weight.device)
+        for role, mask in (("o", om), ("down", dm)):
+            gone = mask == 0
+            if bool(gone.any()):
+                w = b.modules[role].weight
+                comp[role] = (w[:, gone].double() @ mu[role].to(w.device)[gone].double()).to(w.dtype)
+        out.append(comp)
+    return out
+
+
+@torch.no_grad()
+def add_output_bias(model: nn.Module, structure: ModelStructure, comps: Sequence[Dict[str, torch.Tensor]]) -> Dict:
+    """Add the compensation to the biases of o / down, creating zero biases where the family has none (with every
+    other bias its config switch adds, so that stock from_pretrained finds them all) and turning the switch on."""
+    roles = structure.roles
+    cfg = text_config(model)
+    need = {r for c in comps for r in c}
+    switched = {}
+    groups = {"o": (roles.attn_bias_key, ("q", "k", "v", "o")), "down": (roles.mlp_bias_key, ("gate", "up", "down"))}
+    for role in need:
+        key, members = groups[role]
+        missing = [m for b in structure.blocks for r, m in b.modules.items() if r in members and m.bias is None]
+        if missing:
+            if key is None or not hasattr(cfg, key):
+                raise ValueError(f"{structure.model_type}: {role} has no bias and the family has no config switch for one; "
+                                 "bias compensation cannot be saved")
+            for m in missing:
+                m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                      requires_grad=False)
+            setattr(cfg, key, True)
+            switched[key] = True
+    for b, comp in zip(structure.blocks, comps):
+        for role, c in comp.items():
+            b.modules[role].bias.add_(c.to(b.modules[role].bias.device))
+    return {"bias_compensation": sorted(need), "config_switched_on": sorted(switched)}
