@@ -2,7 +2,8 @@
 through transformers for bnb checkpoints), with stock ``AutoModelForCausalLM.from_pretrained`` on CPU,
 and compare with what the run recorded in memory: the weights' fingerprint (sha256 over the float32
 weights every selected linear computes with), the zero count of every module, and the perplexity under
-the run's own eval protocol (within 1e-4 relative).
+the run's own eval protocol (within 1e-4 relative); for structured runs also the logits on the fixed probe
+the run saved beside its model (``probe_logits.safetensors``, within 1e-5) and the new sizes in config.json.
 
     compress prune=sparsegpt prune.sparsity=0.5 quant=gptq output.save_model=true hydra.run.dir=DIR
     python benchmarks/reload_check.py DIR            # writes DIR/reload_check.json
@@ -55,7 +56,15 @@ with torch.no_grad():
         nll += float(F.cross_entropy(logits.float(), w[1:], reduction="sum").double())
         count += w.numel() - 1
 
-print(json.dumps({"ppl": math.exp(nll / count), "sha256": h.hexdigest(), "zeros": zeros,
+probe = None
+if job.get("probe"):  # logits of the in-memory model on fixed ids, saved by the run
+    from safetensors.torch import load_file
+    pr = load_file(job["probe"])
+    with torch.no_grad():
+        got = model(input_ids=pr["ids"], use_cache=False).logits[:, -pr["logits"].shape[1]:].float()
+    probe = float((got - pr["logits"]).abs().max())
+
+print(json.dumps({"probe_logits_max_abs_diff": probe, "ppl": math.exp(nll / count), "sha256": h.hexdigest(), "zeros": zeros,
                   "class": type(model).__name__, "quantization_config": getattr(model.config, "quantization_config", None) is not None}))
 """
 
@@ -81,7 +90,8 @@ def main(argv=None) -> int:
     nwin = min(ids.numel() // cfg["seqlen"], cfg["max_windows"] or 10**9)
     qm = (json.loads((run / "model" / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
     job = {"ids": ids[: nwin * cfg["seqlen"]].tolist(), "seqlen": cfg["seqlen"], "modules": fp["modules"],
-           "warmup": qm == "compressed-tensors"}
+           "warmup": qm == "compressed-tensors",
+           "probe": str(run / "probe_logits.safetensors") if (run / "probe_logits.safetensors").exists() else None}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     p = subprocess.run([sys.executable, "-c", CHILD, str(run / "model"), f.name], capture_output=True, text=True,
@@ -93,8 +103,13 @@ def main(argv=None) -> int:
     out = {"run": str(run), "model_class": got["class"], "weights_equal": got["sha256"] == fp["sha256"],
            "modules": len(fp["modules"]), "zeros_equal": got["zeros"] == fp["zeros"],
            "zeros": sum(fp["zeros"].values()), "ppl_run": ppl, "ppl_reloaded": got["ppl"],
-           "ppl_rel_diff": abs(got["ppl"] - ppl) / ppl, "protocol": proto}
-    out["ok"] = out["weights_equal"] and out["zeros_equal"] and out["ppl_rel_diff"] <= 1e-4
+           "ppl_rel_diff": abs(got["ppl"] - ppl) / ppl, "protocol": proto,
+           "probe_logits_max_abs_diff": got["probe_logits_max_abs_diff"],
+           "config_sizes": {k: v for k, v in json.loads((run / "model" / "config.json").read_text()).items()
+                            if k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                                     "num_hidden_layers", "ffn_dim")}}
+    out["ok"] = out["weights_equal"] and out["zeros_equal"] and out["ppl_rel_diff"] <= 1e-4 and (
+        got["probe_logits_max_abs_diff"] is None or got["probe_logits_max_abs_diff"] <= 1e-5)
     (run / "reload_check.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
     return 0 if out["ok"] else 1

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "quant", "bits_per_weight", "footprint_packed_mb",
-           "ppl", "delta_vs_dense", "dense", "params_total",
+           "ppl", "delta_vs_dense", "dense", "params_total", "structure", "removed_ratio", "flops_per_token",
+           "flop_ceiling", "prefill_speedup", "decode_speedup",
            "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s",
            "prune_seconds", "train_seconds", "quant_seconds", "peak_memory_mb", "status", "protocol",
            "zero_shot_protocol", "code_version", "run_dir"]  # then one column per zero-shot metric and task, e.g. acc:hellaswag
@@ -77,7 +78,15 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             + (" act-order" if qm == "gptq" and quant.get("act_order") else "")
             + (" mse" if qm != "bnb" and quant.get("mse") else "")
             + (" joint" if quant.get("joint") else "")))
+        st = data.get("structured") or {}
+        sp = m.get("speed") or {}
         rows.append({
+            "structure": f"{st.get('importance')} {st.get('achieved_ratio', 0):.3f}" if st else "-",
+            "flops_per_token": (st.get("flops_per_token_after") or {}).get("total"),
+            "flop_ceiling": st.get("flop_ratio_ceiling"),
+            "removed_ratio": st.get("achieved_ratio"),
+            "prefill_speedup": (sp.get("speedup") or {}).get(f"prefill_b{sp.get('batch_size')}"),
+            "decode_speedup": (sp.get("speedup") or {}).get("decode_b1"),
             "recipe": data.get("recipe") or ("dense" if dense else "+".join(
                 x for x in (method if method != "none" else "", (cfg.get("train") or {}).get("method", "none")
                             if (cfg.get("train") or {}).get("method", "none") != "none" else "",
@@ -87,8 +96,10 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "quant": qlabel,
             "bits_per_weight": m.get("bits_per_weight"),
             "footprint_packed_mb": m.get("footprint_packed_mb"),
-            "pattern": prune.get("pattern", "") if method != "none" else "",
-            "sparsity_target": prune.get("sparsity") if method != "none" else 0.0,
+            "pattern": (prune.get("pattern", "") if method != "structured" else prune.get("importance", ""))
+            if method != "none" else "",
+            "sparsity_target": (prune.get("sparsity") if method != "structured" else prune.get("ratio"))
+            if method != "none" else 0.0,
             "sparsity": m.get("sparsity"),
             "ppl": ppl.get(ds) if ds else None,
             "params_total": m.get("params_total"),
@@ -122,7 +133,11 @@ def markdown_table(rows: List[Dict]) -> str:
     speed = any(r.get("tokens_per_s") for r in rows)
     sparse24 = any(r.get("sparse24_tokens_per_s") for r in rows)
     quant = any(r.get("quant") not in (None, "-") for r in rows)
-    head = (["recipe", "method", "pattern", "sparsity"] + (["quant", "bits/weight", "packed MiB"] if quant else [])
+    structured = any(r.get("structure") not in (None, "-") for r in rows)
+    head = (["recipe", "method", "pattern", "sparsity"]
+            + (["removed (structured)", "params", "MFLOPs/token", "FLOP ceiling", "prefill × dense", "decode × dense"]
+               if structured else [])
+            + (["quant", "bits/weight", "packed MiB"] if quant else [])
             + ["ppl", "Δ vs dense"] + zs
             + ["non-zero params", "dense MiB", "sparse-storage MiB"] + (["tokens/s"] if speed else [])
             + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status", "code"])
@@ -133,6 +148,11 @@ def markdown_table(rows: List[Dict]) -> str:
 
     for r in rows:
         cells = [str(r["recipe"]), r["method"], r["pattern"] or "-", f(r["sparsity"], "{:.3f}")]
+        if structured:
+            cells += [r.get("structure") or "-", f(r.get("params_total"), "{:,}"),
+                      f(r["flops_per_token"] / 1e6 if r.get("flops_per_token") else None, "{:.1f}"),
+                      f(r.get("flop_ceiling"), "{:.3f}x"), f(r.get("prefill_speedup"), "{:.3f}x"),
+                      f(r.get("decode_speedup"), "{:.3f}x")]
         if quant:
             cells += [r.get("quant") or "-", f(r.get("bits_per_weight"), "{:.3f}"), f(r.get("footprint_packed_mb"), "{:.0f}")]
         cells += [f(r["ppl"]), f(r["delta_vs_dense"], "{:+.2f}")]
@@ -249,13 +269,15 @@ def plot(rows: List[Dict], path: Path) -> None:
             continue
         if r["method"] == "none":  # quant/train-only runs have no sparsity axis: plotted against bits
             continue
-        by_method.setdefault(f"{r['method']} {r['pattern']}", []).append((r["sparsity"], r["ppl"]))
+        x = r.get("removed_ratio") if r["method"] == "structured" else r["sparsity"]  # removed, or zeroed
+        by_method.setdefault(f"{r['method']} {r['pattern']}", []).append((x, r["ppl"]))
     for label, pts in sorted(by_method.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label=f"dense ({dense:.2f})")
-    _finish(fig, ax, "sparsity of prunable linears", "perplexity vs sparsity", path, legend=8)
+    _finish(fig, ax, "fraction of block weights zeroed (sparsity) or removed (structured)", "perplexity vs sparsity",
+            path, legend=8)
 
 
 def main(argv=None) -> int:
