@@ -192,7 +192,10 @@ class PruneConfig:
     # KV group costs far more quality than the same parameters in MLP channels (BENCHMARKS.md)
     attn_fraction: Optional[float] = 0.0
     round_to: int = 8  # kept MLP channels are a multiple of this (e.g. 64 for GPU kernels)
-    protect_first: int = 0  # block importance: never remove the first / last k blocks
+    # uniform widths (every block loses the same; stock from_pretrained reloads it) or not: one global ranking
+    # of the MLP channels across blocks, saved with per-layer widths that compress.structured.load_pruned reloads
+    uniform: bool = True
+    protect_first: int = 0  # never prune the first / last k blocks (depth; width with uniform=false)
     protect_last: int = 0
     activation_metric: str = "fluctuation"  # activation importance: fluctuation (FLAP) | wanda
     # activation importance: add what the removed inputs of o / down gave on average (W[:, removed] @ mean x)
@@ -279,10 +282,13 @@ class PruneConfig:
         for k in ("protect_first", "protect_last"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ConfigError(f"prune.{k}={getattr(self, k)!r} is not valid: it must be an integer >= 0")
-        if (self.protect_first or self.protect_last) and self.importance != "block":
-            raise ConfigError("prune.protect_first/protect_last need prune.importance=block: width pruning keeps "
-                              "uniform widths (every block cut alike, so that stock from_pretrained reloads it), and "
-                              "protected blocks would make them non-uniform")
+        if (self.protect_first or self.protect_last) and self.importance != "block" and self.uniform:
+            raise ConfigError("prune.protect_first/protect_last with width pruning need prune.uniform=false: uniform "
+                              "widths cut every block alike (so that stock from_pretrained reloads the model), and "
+                              "protected blocks make them non-uniform")
+        if not self.uniform and self.importance in ("lora", "block"):
+            raise ConfigError(f"prune.uniform=false ranks MLP channels across blocks once; it needs prune.importance="
+                              f"magnitude, activation or taylor, got {self.importance}")
         if not (0 <= self.lora_warmup < 1 and 0 <= self.lora_cooldown < 1 and self.lora_warmup + self.lora_cooldown < 1):
             raise ConfigError(f"prune.lora_warmup={self.lora_warmup} / lora_cooldown={self.lora_cooldown}: each in "
                               "[0, 1) and together below 1 (the ramp lies between them)")

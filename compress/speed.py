@@ -126,8 +126,12 @@ def serving_speed(models: Dict[str, nn.Module], batch_sizes=(1, 8), seqlen: int 
     """Prefill tokens/s (last-position logits) at each batch size and decode tokens/s (batch 1, KV cache,
     ``new_tokens`` greedy tokens after a ``prompt_len`` prompt) of several models, measured interleaved in
     this process (round by round, each model in turn) so that they share the machine's state; medians.
-    Ratios are to the first model."""
+    Every parameter is first copied into fresh memory (values unchanged), so that no model runs on pages
+    mapped from its checkpoint while another runs on allocated ones. Ratios are to the first model."""
     names = list(models)
+    for m in models.values():  # every weight in fresh memory: a model read from safetensors may still map the file,
+        for p in m.parameters():  # and mapped pages time differently from allocated ones (tied weights: once)
+            p.data = p.data.clone()
     m0 = models[names[0]]
     device = next(m0.parameters()).device
     vocab = m0.config.vocab_size

@@ -280,6 +280,9 @@ def test_structured_config_is_checked():
     with pytest.raises(ConfigError, match="protect_first"):
         PruneConfig(method="structured", importance="magnitude", protect_first=2)
     PruneConfig(method="structured", importance="block", protect_first=2)
+    PruneConfig(method="structured", importance="magnitude", protect_first=2, uniform=False)
+    with pytest.raises(ConfigError, match="uniform=false"):
+        PruneConfig(method="structured", importance="lora", uniform=False)
 
 
 def _cli(args, cwd):
@@ -316,6 +319,19 @@ def test_cli_structured_run_records_and_reloads(tmp_path):
     assert cfg["num_key_value_heads"] == 1 and cfg["intermediate_size"] == st["config_sizes"]["intermediate_size"]
     m = T.AutoModelForCausalLM.from_pretrained(d / "model")
     assert count_params(m)["params_total"] == st["params_after"]["params_total"]
+    # non-uniform widths through the CLI: the first block protected, per-layer widths saved, the small loader
+    d2 = tmp_path / "run_nonuniform"
+    r = _cli(["model=hf", f"model.name={ckpt}", "prune=structured", "prune.importance=taylor", "prune.ratio=0.3",
+              "prune.uniform=false", "prune.protect_first=1", "output.save_model=true", *SMALL,
+              f"hydra.run.dir={d2}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    st2 = json.loads((d2 / "results.json").read_text())["structured"]
+    assert st2["channels_removed_per_block"][0] == 0 and st2["achieved_ratio"] >= 0.3 - 0.015
+    from compress.structured import load_pruned
+
+    m2 = load_pruned(d2 / "model")
+    assert m2.model.layers[0].mlp.down_proj.in_features == 128 > m2.model.layers[1].mlp.down_proj.in_features
+    assert count_params(m2)["params_total"] == st2["params_after"]["params_total"]
     # an architecture outside the role map is refused before the model loads, naming it
     gpt2 = tmp_path / "gpt2"
     T.GPT2Config(vocab_size=260, n_embd=64, n_layer=2, n_head=4).save_pretrained(gpt2)
@@ -443,3 +459,53 @@ def test_flap_bias_compensation_reduces_error_and_reloads(tmp_path):
             assert re.model.layers[0].mlp.gate_proj.bias.abs().max() == 0  # the switch's other biases are zeros
             assert re.model.layers[0].mlp.down_proj.bias.abs().max() > 0
     assert errs[True] < errs[False]
+
+
+def test_non_uniform_widths_reload_with_the_small_loader(tmp_path):
+    """uniform=false: one global ranking of MLP channels, protected blocks untouched, per-layer widths in the
+    config; stock from_pretrained refuses the checkpoint (size mismatch, nothing re-initialised) and
+    compress.structured.load_pruned reloads it with the in-memory model's logits."""
+    from compress.structured import load_pruned
+    from compress.structured.surgery import channel_counts
+
+    model = _tiny("qwen2_sliding")  # 4 blocks
+    st = block_structure(model)
+    plan = plan_widths(st.blocks[0], block_params(find_blocks(model)[1][0]), 0.3, "kv_group", 0.0)
+    scores = ESTIMATORS["magnitude"](model, st, None)
+    for i, s in enumerate(scores):  # make the blocks differ clearly
+        s["channels"] = s["channels"] * (i + 1)
+    counts = channel_counts(st, plan, scores, uniform=False, protect=[0], round_to=8)
+    assert counts[0] == 0 and len(set(counts[1:])) > 1
+    assert abs(sum(counts) - plan.channel_remove * 4) <= 8 * 4  # the same total, up to rounding
+    keeps = select(st, plan, scores, counts)
+    with pytest.raises(ValueError, match="non-uniform"):
+        remove_width(copy_model(model), block_structure(copy_model(model)), keeps)
+    sizes = remove_width(model, st, keeps, uniform=False)
+    assert [w["intermediate_size"] for w in sizes["per_layer"]] == [128 - c for c in counts]
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # it refuses; nothing re-initialised
+        T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    re = load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(re(input_ids=ids).logits, ref, atol=1e-5, rtol=0)
+    assert [blk.mlp.down_proj.in_features for blk in re.model.layers] == [128 - c for c in counts]
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_protected_blocks_keep_their_attention():
+    model = _model("qwen2")
+    st, plan, _ = _magnitude_keeps(model, 0.3, "kv_group")
+    scores = ESTIMATORS["magnitude"](model, st, None)
+    for b, s in zip(st.blocks, scores):
+        s["attn"] = attn_scores(b, s, "kv_group")
+    keeps = select(st, plan, scores, [0, plan.channel_remove], protect=[0])
+    assert keeps[0].kv_heads == [0, 1] and len(keeps[0].q_heads) == 4 and len(keeps[0].channels) == 128
+    assert len(keeps[1].kv_heads) == 1 and len(keeps[1].channels) == 128 - plan.channel_remove

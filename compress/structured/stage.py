@@ -25,8 +25,8 @@ import torch
 from compress.errors import ShortfallError, UnsupportedModelError
 from compress.structured.groups import block_structure, roles_for
 from compress.structured.importance import ESTIMATORS, attn_scores
-from compress.structured.surgery import (count_params, flops_per_token, plan_widths, remove_blocks, remove_width,
-                                         select)
+from compress.structured.surgery import (channel_counts, count_params, flops_per_token, plan_widths, remove_blocks,
+                                         remove_width, select)
 
 TOLERANCE = 0.015  # achieved ratio may fall short of the target by rounding to whole heads/channels/blocks only
 
@@ -175,14 +175,19 @@ def structured_stage(ctx, info: Dict) -> None:
             if p.attn_unit != "none":
                 for b, s in zip(structure.blocks, scores):
                     s["attn"] = attn_scores(b, s, p.attn_unit)
-            keeps = select(structure, plan, scores)
+            n = len(structure.blocks)
+            protect = set(range(p.protect_first)) | set(range(n - p.protect_last, n))
+            counts = channel_counts(structure, plan, scores, p.uniform, sorted(protect), p.round_to)
+            if not p.uniform:
+                record["channels_removed_per_block"] = counts
+            keeps = select(structure, plan, scores, counts, sorted(protect) if not p.uniform else ())
         comps = None
         if p.bias_compensation:
             from compress.structured.surgery import bias_compensation
 
             comps = bias_compensation(structure, keeps, [{r: m.mean for r, m in mom.items() if r in ("o", "down")}
                                                          for mom in ectx.moments])
-        record["config_sizes"] = remove_width(model, structure, keeps)
+        record["config_sizes"] = remove_width(model, structure, keeps, uniform=p.uniform)
         if comps is not None:
             from compress.structured.surgery import add_output_bias
 

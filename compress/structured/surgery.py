@@ -124,14 +124,44 @@ def plan_widths(b: BlockStructure, block_total: int, ratio: float, attn_unit: st
     return WidthPlan(attn_unit if units else "none", units, attn_remove, b.intermediate, ch_remove, block_total, removed)
 
 
-def select(structure: ModelStructure, plan: WidthPlan, scores: Sequence[Dict[str, torch.Tensor]]) -> List[Keep]:
+def channel_counts(structure: ModelStructure, plan: WidthPlan, scores: Sequence[Dict[str, torch.Tensor]],
+                   uniform: bool = True, protect: Sequence[int] = (), round_to: int = 8) -> List[int]:
+    """MLP channels removed per block. Uniform: ``plan.channel_remove`` everywhere. Non-uniform: the same total,
+    chosen by one global ranking of the (per-module normalised) channel scores over the blocks not in
+    ``protect``, each block's kept width then rounded to a multiple of ``round_to``."""
+    n = len(structure.blocks)
+    if uniform:
+        return [plan.channel_remove] * n
+    total = plan.channel_remove * n
+    free = [i for i in range(n) if i not in set(protect)]
+    if not free:
+        raise ValueError("every block is protected: nothing can be removed")
+    cand = torch.cat([scores[i]["channels"].reshape(-1).double() for i in free])
+    owner = torch.cat([torch.full((structure.blocks[i].intermediate,), i) for i in free])
+    low = owner[torch.argsort(cand, stable=True)[:total]]
+    counts = [0] * n
+    for i in free:
+        b = structure.blocks[i]
+        r = int((low == i).sum())
+        keep = max(round_to, int(round((b.intermediate - r) / round_to)) * round_to)
+        counts[i] = max(0, b.intermediate - keep)
+    return counts
+
+
+def select(structure: ModelStructure, plan: WidthPlan, scores: Sequence[Dict[str, torch.Tensor]],
+           channel_remove: Optional[Sequence[int]] = None, protect: Sequence[int] = ()) -> List[Keep]:
     """Per block, keep the highest-scored units. ``scores[i]``: ``attn`` (one score per unit: per KV group,
-    or ``[n_kv, group]`` per query head) and ``channels``."""
+    or ``[n_kv, group]`` per query head) and ``channels``. ``channel_remove``: channels removed per block
+    (default ``plan.channel_remove`` in every block; see :func:`channel_counts`). Blocks in ``protect`` keep
+    all their attention units."""
     keeps = []
-    for b, s in zip(structure.blocks, scores):
+    for i, (b, s) in enumerate(zip(structure.blocks, scores)):
+        n_ch = plan.channel_remove if channel_remove is None else channel_remove[i]
         q = list(range(b.n_heads))
         kv = list(range(b.n_kv))
-        if plan.attn_remove and plan.attn_unit == "kv_group":
+        if i in set(protect):
+            pass
+        elif plan.attn_remove and plan.attn_unit == "kv_group":
             sc = s["attn"].reshape(b.n_kv)
             drop = set(torch.argsort(sc, stable=True)[:plan.attn_remove].tolist())
             kv = [g for g in kv if g not in drop]
@@ -143,8 +173,8 @@ def select(structure: ModelStructure, plan: WidthPlan, scores: Sequence[Dict[str
                 order = torch.argsort(sc[g], stable=True)[plan.attn_remove:]  # drop the lowest in each group
                 q += sorted(g * b.group_size + int(j) for j in order)
         ch = list(range(b.intermediate))
-        if plan.channel_remove:
-            order = torch.argsort(s["channels"].reshape(-1), stable=True)[plan.channel_remove:]
+        if n_ch:
+            order = torch.argsort(s["channels"].reshape(-1), stable=True)[n_ch:]
             ch = sorted(int(c) for c in order)
         keeps.append(Keep(sorted(q), sorted(kv), ch))
     return keeps
@@ -196,61 +226,118 @@ def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
 
 
-def remove_width(model: nn.Module, structure: ModelStructure, keeps: Sequence[Keep]) -> Dict:
-    """Remove the heads and channels not in ``keeps`` from every block, and write the new sizes into the
-    config (uniform widths: one value per key). Returns the new sizes."""
+def remove_width_block(model: nn.Module, structure: ModelStructure, b: BlockStructure, k: Keep) -> Tuple[int, int, int]:
+    """Remove one block's heads and channels not in ``k`` (see :func:`remove_width`)."""
     roles = structure.roles
-    widths = []
-    for b, k in zip(structure.blocks, keeps):
-        m = b.modules
-        if len(k.q_heads) < b.n_heads or len(k.kv_heads) < b.n_kv:
-            if len(k.q_heads) % max(1, len(k.kv_heads)):
-                raise ValueError(f"block {b.index}: {len(k.q_heads)} query heads do not split into "
-                                 f"{len(k.kv_heads)} KV groups")
-            for h in k.q_heads:  # GQA: every kept query head must read a kept KV head, in equal groups
-                if h // b.group_size not in k.kv_heads:
-                    raise ValueError(f"block {b.index}: query head {h} reads KV head {h // b.group_size}, which is removed")
-            per_group = {g: sum(1 for h in k.q_heads if h // b.group_size == g) for g in k.kv_heads}
-            if len(set(per_group.values())) > 1:
-                raise ValueError(f"block {b.index}: unequal query heads per KV group {per_group}")
-            if roles.head_dim_key is None:
-                raise ValueError(f"{structure.model_type}: its config has no head_dim field, so removing heads "
-                                 "would not reload with from_pretrained; prune MLP channels or blocks only "
-                                 "(prune.attn_unit=none)")
-            qr = _head_rows(k.q_heads, b.head_dim)
-            kvr = _head_rows(k.kv_heads, b.head_dim)
-            _slice_linear(m["q"], rows=qr)
-            _slice_linear(m["k"], rows=kvr)
-            _slice_linear(m["v"], rows=kvr)
-            _slice_linear(m["o"], cols=qr)
-            attn = model.get_submodule(f"{structure.blocks_name}.{b.index}.{roles.o.rsplit('.', 1)[0]}") \
-                if "." in roles.o else None
-            if attn is not None:
-                nh, nkv = len(k.q_heads), len(k.kv_heads)
-                for a, v in (("num_heads", nh), ("num_key_value_heads", nkv), ("num_key_value_groups", nh // nkv)):
-                    if a in roles.attn_attrs and hasattr(attn, a):
-                        setattr(attn, a, v)
-        if len(k.channels) < b.intermediate:
-            ch = torch.tensor(k.channels, dtype=torch.long)
-            for r in ("gate", "up"):
-                if r in m:
-                    _slice_linear(m[r], rows=ch)
-            _slice_linear(m["down"], cols=ch)
-        widths.append((len(k.q_heads), len(k.kv_heads), len(k.channels)))
-    if len(set(widths)) != 1:
+    m = b.modules
+    if len(k.q_heads) < b.n_heads or len(k.kv_heads) < b.n_kv:
+        if len(k.q_heads) % max(1, len(k.kv_heads)):
+            raise ValueError(f"block {b.index}: {len(k.q_heads)} query heads do not split into "
+                             f"{len(k.kv_heads)} KV groups")
+        for h in k.q_heads:  # GQA: every kept query head must read a kept KV head, in equal groups
+            if h // b.group_size not in k.kv_heads:
+                raise ValueError(f"block {b.index}: query head {h} reads KV head {h // b.group_size}, which is removed")
+        per_group = {g: sum(1 for h in k.q_heads if h // b.group_size == g) for g in k.kv_heads}
+        if len(set(per_group.values())) > 1:
+            raise ValueError(f"block {b.index}: unequal query heads per KV group {per_group}")
+        if roles.head_dim_key is None:
+            raise ValueError(f"{structure.model_type}: its config has no head_dim field, so removing heads "
+                             "would not reload with from_pretrained; prune MLP channels or blocks only "
+                             "(prune.attn_unit=none)")
+        qr = _head_rows(k.q_heads, b.head_dim)
+        kvr = _head_rows(k.kv_heads, b.head_dim)
+        _slice_linear(m["q"], rows=qr)
+        _slice_linear(m["k"], rows=kvr)
+        _slice_linear(m["v"], rows=kvr)
+        _slice_linear(m["o"], cols=qr)
+        attn = model.get_submodule(f"{structure.blocks_name}.{b.index}.{roles.o.rsplit('.', 1)[0]}") \
+            if "." in roles.o else None
+        if attn is not None:
+            nh, nkv = len(k.q_heads), len(k.kv_heads)
+            for a, v in (("num_heads", nh), ("num_key_value_heads", nkv), ("num_key_value_groups", nh // nkv)):
+                if a in roles.attn_attrs and hasattr(attn, a):
+                    setattr(attn, a, v)
+    if len(k.channels) < b.intermediate:
+        ch = torch.tensor(k.channels, dtype=torch.long)
+        for r in ("gate", "up"):
+            if r in m:
+                _slice_linear(m[r], rows=ch)
+        _slice_linear(m["down"], cols=ch)
+    return len(k.q_heads), len(k.kv_heads), len(k.channels)
+
+
+WIDTHS_KEY = "compress_layer_widths"  # config field of a non-uniform model: one {key: size} per layer
+
+
+def remove_width(model: nn.Module, structure: ModelStructure, keeps: Sequence[Keep], uniform: bool = True) -> Dict:
+    """Remove the heads and channels not in ``keeps`` from every block, and write the new sizes into the
+    config. Uniform widths: one value per key (stock ``from_pretrained`` reloads it). ``uniform=False``
+    allows widths that differ per block: the config's keys then hold the largest and
+    ``config.compress_layer_widths`` each layer's own; such a checkpoint reloads with :func:`load_pruned`
+    only (stock ``from_pretrained`` refuses it with size mismatches). Returns the new sizes."""
+    roles = structure.roles
+    widths = [remove_width_block(model, structure, b, k) for b, k in zip(structure.blocks, keeps)]
+    if len(set(widths)) != 1 and uniform:
         raise ValueError(f"non-uniform widths {sorted(set(widths))}: stock from_pretrained builds every layer from one "
                          "config (uniform widths only)")
-    nh, nkv, inter = widths[0]
+    nh, nkv, inter = max(widths)
     cfg = text_config(model)
     b0 = structure.blocks[0]
+    if len(set(widths)) != 1:
+        per = [{roles.heads_key: a, roles.kv_heads_key or "kv_heads": k, roles.intermediate_key: c}
+               for a, k, c in widths]
+        setattr(cfg, WIDTHS_KEY, per)
+        nh, nkv, inter = max(w[0] for w in widths), max(w[1] for w in widths), max(w[2] for w in widths)
     setattr(cfg, roles.heads_key, nh)
     if roles.kv_heads_key:
         setattr(cfg, roles.kv_heads_key, nkv)
     if roles.head_dim_key:
         setattr(cfg, roles.head_dim_key, b0.head_dim)  # explicit: hidden / heads no longer gives it
     setattr(cfg, roles.intermediate_key, inter)
-    return {roles.heads_key: nh, roles.kv_heads_key or "kv_heads": nkv, roles.head_dim_key or "head_dim": b0.head_dim,
-            roles.intermediate_key: inter}
+    out = {roles.heads_key: nh, roles.kv_heads_key or "kv_heads": nkv, roles.head_dim_key or "head_dim": b0.head_dim,
+           roles.intermediate_key: inter}
+    if len(set(widths)) != 1:
+        out["per_layer"] = getattr(cfg, WIDTHS_KEY)
+    return out
+
+
+def load_pruned(path, **kwargs) -> nn.Module:
+    """Load a structurally pruned checkpoint. Uniform widths: exactly ``AutoModelForCausalLM.from_pretrained``.
+    Non-uniform (``config.compress_layer_widths``): the model is built from its config, each block's linears
+    are resized to its recorded widths, and the safetensors weights are loaded strictly (nothing
+    re-initialised, nothing ignored)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.structured.groups import block_structure
+
+    cfg = AutoConfig.from_pretrained(path)
+    per = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, WIDTHS_KEY, None)
+    if not per:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    dtype = kwargs.pop("dtype", None)
+    model = AutoModelForCausalLM.from_config(cfg, **({"dtype": dtype} if dtype is not None else {}))
+    st = block_structure(model)
+    roles = st.roles
+    for b, w in zip(st.blocks, per):
+        nh, nkv, inter = w[roles.heads_key], w[roles.kv_heads_key or "kv_heads"], w[roles.intermediate_key]
+        keep = Keep(list(range(nh)), list(range(nkv)), list(range(inter)))
+        if nh < b.n_heads or nkv < b.n_kv:
+            # keep the first heads of the first groups: only the shapes matter, the weights are loaded below
+            g_new = nh // nkv
+            keep.q_heads = [g * b.group_size + j for g in range(nkv) for j in range(g_new)]
+        remove_width_block(model, st, b, keep)
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and getattr(cfg, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise RuntimeError(f"load_pruned({path}): missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
 
 
 def remove_blocks(model: nn.Module, drop: Sequence[int]) -> Dict:
