@@ -182,7 +182,7 @@ def structured_speed_into(ctx: StageContext, info: Dict) -> None:
            "detail": res}
     ctx.record.data["metrics"]["speed"] = out
     info.update({k: v for k, v in out.items() if k != "detail"})
-    print(f"  speed (dense -> pruned, interleaved): " + ", ".join(f"{k} {v:.3f}x" for k, v in pr["speedup"].items())
+    print("  speed (dense -> pruned, interleaved): " + ", ".join(f"{k} {v:.3f}x" for k, v in pr["speedup"].items())
           + f"; FLOP ceiling {ceiling:.3f}x")
 
 

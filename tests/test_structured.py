@@ -262,8 +262,6 @@ def test_opt_heads_are_refused_but_channels_work():
 
 
 def test_plan_reaches_the_ratio_with_round_to():
-    from compress.structured.groups import Roles  # noqa: F401 (the map is the only family knowledge)
-
     model = _model("qwen2")
     st = block_structure(model)
     total = block_params(find_blocks(model)[1][0])
@@ -358,8 +356,6 @@ def test_lora_importance_stage_merges_into_full_precision_weights(base, tmp_path
     cfg = Config(prune=PruneConfig(method="structured", importance="lora", ratio=0.3, lora_steps=6, lora_base=base,
                                    attn_fraction=None),
                  train=TrainConfig(micro_batch_size=2, seqlen=16, lr=1e-2, lora_r=4, log_every=2, source="wikitext2"))
-    from transformers import AutoTokenizer  # noqa: F401 (the byte tokenizer below encodes the training text)
-
     tok = byte_tokenizer()
     model.resize_token_embeddings(len(tok)) if len(tok) > VOCAB else None
     rec = SimpleNamespace(data={}, save=lambda: None)

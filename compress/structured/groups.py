@@ -130,8 +130,6 @@ def block_structure(model, roles: Optional[Roles] = None) -> ModelStructure:
     cfg = text_config(model)
     blocks_name, blocks = find_blocks(model)
     n_heads = getattr(cfg, roles.heads_key)
-    n_kv = getattr(cfg, roles.kv_heads_key, None) if roles.kv_heads_key else None
-    n_kv = n_kv or n_heads
     hd = getattr(cfg, roles.head_dim_key, None) if roles.head_dim_key else None
     out = ModelStructure(getattr(cfg, "model_type", "?"), roles, blocks_name)
     names = {"q": roles.q, "k": roles.k, "v": roles.v, "o": roles.o, "up": roles.up, "down": roles.down}
@@ -173,5 +171,4 @@ def block_structure(model, roles: Optional[Roles] = None) -> ModelStructure:
         out.blocks.append(BlockStructure(i, roles, mods, bh, bkv, head_dim, inter))
     if not out.blocks:
         raise UnsupportedModelError(f"structured pruning: {type(model).__name__} has no decoder blocks")
-    del n_kv
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from compress.structured.groups import BlockStructure, ModelStructure

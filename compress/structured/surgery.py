@@ -15,7 +15,6 @@ All functions take the structure from :mod:`compress.structured.groups`; nothing
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -408,9 +407,6 @@ def count_params(model: nn.Module) -> Dict:
     blk = sum(block_params(b) for b in blocks)
     return {"params_total": total, "params_blocks": blk, "blocks": len(blocks)}
 
-
-def ceil_ratio(dense: Dict, pruned: Dict) -> float:
-    return dense["total"] / pruned["total"] if pruned["total"] else math.inf
 
 
 # ---------------------------------------------------------------- FLAP bias compensation
