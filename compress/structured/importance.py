@@ -108,10 +108,9 @@ class _InputMoments:
 
 
 def block_input_moments(model, structure: ModelStructure, calib_ids, roles, batch_size=1, device=None,
-                        progress=True, on_block=None) -> List[Dict[str, _InputMoments]]:
+                        progress=True) -> List[Dict[str, _InputMoments]]:
     """One pass of the calibration pipeline over the (unchanged) model: per block, the input moments of
-    the linears named by ``roles``. ``on_block(idx, block, inputs, outputs)`` sees each block's inputs and
-    outputs (e.g. for block importance)."""
+    the linears named by ``roles``."""
     from compress.calibration import run_sequential
     from compress.calibration.blocks import block_outputs
     from compress.calibration.runner import BlockResult
@@ -127,8 +126,6 @@ def block_input_moments(model, structure: ModelStructure, calib_ids, roles, batc
         finally:
             for h in handles:
                 h.remove()
-        if on_block is not None:
-            on_block(idx, block, inputs, outs)
         out.append(moments)
         return BlockResult(outputs=outs)
 
