@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 # imports torch; tests check these lists against the registries.
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "structured")
 IMPORTANCES = ("lora", "magnitude", "activation", "taylor", "block")
+LORA_SCORES = ("element_sq", "element_abs", "group_sq")
 TRAIN_METHODS = ("none", "full", "lora", "qlora")
 QUANT_METHODS = ("none", "bnb", "rtn", "gptq")
 STAGE_NAMES = ("prune", "train", "quant")
@@ -209,6 +210,10 @@ class PruneConfig:
     lora_ema: float = 0.9  # moving average of the scores over steps
     lora_every: int = 1  # prune every k steps on the ramp
     lora_base: str = "fp"  # fp (the model's dtype) | 8bit | 4bit (bitsandbytes QLoRA base)
+    # how a step's weight scores become group scores: element_sq = sum over the group of ((W+sBA)⊙Ĝ)²
+    # (Fisher-like, the default), element_abs = sum of |(W+sBA)⊙Ĝ| (LLM-Pruner's element-wise first order),
+    # group_sq = (sum over the group of (W+sBA)⊙Ĝ)² per module (the group's own first-order loss change, squared)
+    lora_score: str = "element_sq"
 
     def __post_init__(self):
         _choice("prune.method", self.method, PRUNE_METHODS)
@@ -271,6 +276,7 @@ class PruneConfig:
         _choice("prune.attn_unit", self.attn_unit, ("kv_group", "query_head", "none"))
         _choice("prune.activation_metric", self.activation_metric, ("fluctuation", "wanda"))
         _choice("prune.lora_base", self.lora_base, ("fp", "8bit", "4bit"))
+        _choice("prune.lora_score", self.lora_score, LORA_SCORES)
         if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 0.95:
             raise ConfigError(f"prune.ratio={self.ratio!r} is not valid: it must be in (0, 0.95) (a fraction of the "
                               "decoder-block parameters)")

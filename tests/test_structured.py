@@ -169,6 +169,25 @@ def test_lora_gradient_estimate_matches_autograd():
     torch.testing.assert_close(first, s * s * (G @ A.detach().t() @ A.detach() + B.detach() @ B.detach().t() @ G),
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lora_weight_scores(layer), (merged * est) ** 2)
+    torch.testing.assert_close(lora_weight_scores(layer, score="element_abs"), (merged * est).abs())
+    torch.testing.assert_close(lora_weight_scores(layer, score="group_sq"), merged * est)
+
+
+def test_group_scores_square_signed_group_sums():
+    """``group_sq``: the signed sum over each group is squared before the per-module normalisation, so
+    opposite signs inside a group cancel (unlike the element-wise scores)."""
+    from compress.structured.importance import group_scores
+
+    st = block_structure(_model("llama"))
+    b = st.blocks[0]
+    S = {"up": torch.zeros(b.intermediate, b.modules["up"].in_features)}
+    S["up"][0, :2] = torch.tensor([1.0, -1.0])  # channel 0: cancels
+    S["up"][1, 0] = -2.0  # channel 1: one negative weight score
+    S["up"][2, 0] = 1.0
+    sq = group_scores(b, S, post=torch.square)["channels"]
+    assert sq[0] == 0 and sq[1] == pytest.approx(0.8) and sq[2] == pytest.approx(0.2)
+    plain = group_scores(b, {"up": S["up"].abs()})["channels"]
+    assert plain[0] == pytest.approx(2 / 5) and plain[1] == pytest.approx(2 / 5)
 
 
 def test_lora_estimator_masks_on_schedule_and_removal_equals_masking():
@@ -281,6 +300,8 @@ def test_structured_config_is_checked():
     PruneConfig(method="structured", importance="magnitude", protect_first=2, uniform=False)
     with pytest.raises(ConfigError, match="uniform=false"):
         PruneConfig(method="structured", importance="lora", uniform=False)
+    with pytest.raises(ConfigError, match="prune.lora_score.*element_sq, element_abs, group_sq"):
+        PruneConfig(method="structured", importance="lora", lora_score="taylor")
 
 
 def _cli(args, cwd):

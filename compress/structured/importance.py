@@ -37,16 +37,22 @@ def register(name: str):
     return deco
 
 
-def _norm(v: torch.Tensor) -> torch.Tensor:
+def _normalise(v: torch.Tensor) -> torch.Tensor:
     v = v.double()
     s = v.sum()
     return v / s if s > 0 else v
 
 
-def group_scores(b: BlockStructure, S: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def group_scores(b: BlockStructure, S: Dict[str, torch.Tensor], post: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """Per-group sums of per-weight scores ``S[role]`` (each ``[out, in]`` like the weight), normalised
-    per module. Roles missing from ``S`` contribute nothing."""
+    per module. Roles missing from ``S`` contribute nothing. ``post`` (e.g. ``torch.square``) maps each
+    module's group sums before the normalisation (for signed weight scores)."""
     hd = b.head_dim
+    post = post or (lambda v: v)
+
+    def _norm(v):
+        return _normalise(post(v))
+
     heads = torch.zeros(b.n_heads, dtype=torch.float64)
     kv = torch.zeros(b.n_kv, dtype=torch.float64)
     ch = torch.zeros(b.intermediate, dtype=torch.float64)

@@ -7,7 +7,8 @@ rate on A and B moves the merged weight W + s·BA by
 
 so ``Ĝ = s·(G_B A + B G_A - G_B G_A)`` (:func:`lora_grad_estimate`) stands in for dL/dW without ever
 forming the full gradient: its first two terms are s²·(G AᵀA + B Bᵀ G), the true gradient G projected
-on the LoRA subspaces. Each weight is scored ``((W + s·BA) ⊙ Ĝ)²`` (:func:`lora_weight_scores`), summed
+on the LoRA subspaces. Each weight is scored ``((W + s·BA) ⊙ Ĝ)²`` (:func:`lora_weight_scores`; or its
+absolute value, or the group's signed sum squared: ``prune.lora_score``), summed
 per group and normalised per module (:func:`compress.structured.importance.group_scores`), and smoothed
 by an exponential moving average over steps.
 
@@ -48,8 +49,9 @@ def base_weight(layer) -> torch.Tensor:
     return dequantized_weight(base).float()
 
 
-def lora_weight_scores(layer, adapter: str = "default") -> Optional[torch.Tensor]:
-    """``((W + s·BA) ⊙ Ĝ)²`` for one peft LoRA layer, or None before its factors have gradients."""
+def lora_weight_scores(layer, adapter: str = "default", score: str = "element_sq") -> Optional[torch.Tensor]:
+    """``((W + s·BA) ⊙ Ĝ)²`` for one peft LoRA layer (``element_abs``: its absolute value; ``group_sq``:
+    the signed product, squared per group later), or None before its factors have gradients."""
     A = layer.lora_A[adapter].weight
     B = layer.lora_B[adapter].weight
     if A.grad is None or B.grad is None:
@@ -57,7 +59,14 @@ def lora_weight_scores(layer, adapter: str = "default") -> Optional[torch.Tensor
     s = layer.scaling[adapter]
     g = lora_grad_estimate(A.detach(), B.detach(), A.grad, B.grad, s)
     merged = base_weight(layer) + s * (B.detach().float() @ A.detach().float())
-    return (merged * g).square()
+    prod = merged * g
+    if score == "element_sq":
+        return prod.square()
+    if score == "element_abs":
+        return prod.abs()
+    if score == "group_sq":
+        return prod
+    raise ValueError(f"unknown LoRA score {score!r}")
 
 
 def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> float:
@@ -97,8 +106,9 @@ class LoraPruneCallback:
     """Scores, schedules and masks during LoRA fine-tuning (see the module docstring)."""
 
     def __init__(self, structure: ModelStructure, plan: WidthPlan, total_steps: int, warmup: float = 0.2,
-                 cooldown: float = 0.2, ema: float = 0.9, every: int = 1, round_to: int = 1):
-        self.structure, self.plan, self.total = structure, plan, total_steps
+                 cooldown: float = 0.2, ema: float = 0.9, every: int = 1, round_to: int = 1,
+                 score: str = "element_sq"):
+        self.structure, self.plan, self.total, self.score = structure, plan, total_steps, score
         self.warmup, self.cooldown, self.ema, self.every, self.round_to = warmup, cooldown, ema, every, round_to
         self.scores: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(structure.blocks)
         self.layers: Optional[List[Dict[str, nn.Module]]] = None
@@ -134,12 +144,12 @@ class LoraPruneCallback:
         for i, (b, lay) in enumerate(zip(self.structure.blocks, self.layers)):
             S = {}
             for r, layer in lay.items():
-                s = lora_weight_scores(layer)
+                s = lora_weight_scores(layer, score=self.score)
                 if s is not None:
                     S[r] = s
             if not S:
                 continue
-            new = group_scores(b, S)
+            new = group_scores(b, S, post=torch.square if self.score == "group_sq" else None)
             old = self.scores[i]
             self.scores[i] = new if old is None else {k: self.ema * old[k] + (1 - self.ema) * new[k] for k in new}
 

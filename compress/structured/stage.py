@@ -74,7 +74,7 @@ def _lora_importance(ctx, structure, plan, info) -> list:
                                eval_every=0, save_every=0, resume=None, distill=False, lora_targets=[r".*"])
     ids, data_info = packed_sequences(ctx.tokenizer, tcfg.source, tcfg.seqlen)
     cb = LoraPruneCallback(structure, plan, p.lora_steps, p.lora_warmup, p.lora_cooldown, p.lora_ema, p.lora_every,
-                           p.round_to)
+                           p.round_to, score=p.lora_score)
     model = ctx.model
     spill = None
     if tcfg.method == "qlora":  # the full-precision weights wait on disk while the quantized base trains
