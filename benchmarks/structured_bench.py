@@ -43,6 +43,28 @@ def rows(recover: int, lora_steps: int, lora_args=()):
     return out
 
 
+DENSE_PPL = 28.74  # P1, the embedded model
+ORDER = ["activation_20", "activation_bc_20", "lora_20", "lora_eq_20", "taylor_20", "magnitude_20", "block_20",
+         "activation_50", "activation_bc_50", "lora_50", "taylor_50", "magnitude_50"]
+
+
+def markdown(results: dict) -> str:
+    head = ("| row | removed (of 106,202,880 block params) | params total | footprint MiB | ppl after pruning | "
+            "ppl after recovery | × dense | LoRA tokens in pruning | recovery tokens | prune s | prune peak RSS MiB |")
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for name in sorted(results, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        r = results[name]
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][-200:]!r} |")
+            continue
+        lines.append(
+            f"| {name} | {r['removed_block_params']:,} ({r['achieved_ratio']:.4f}) | {r['params_total_after']:,} | "
+            f"{r['footprint_mb']:.1f} | {r['ppl_pruned']:.2f} | {r['ppl_recovered']:.2f} | "
+            f"{r['ppl_recovered'] / DENSE_PPL:.2f} | {r['lora_importance_tokens']:,} | {r['recovery_tokens']:,} | "
+            f"{r['prune_seconds']:.1f} | {r['prune_peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/structured_bench")
@@ -54,9 +76,13 @@ def main():
     ap.add_argument("--recover-lr", default="2e-4")
     ap.add_argument("--jobs", type=int, default=1,
                     help="rows at once, one thread each (for quality only: their seconds are not comparable)")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --json and exit")
     a = ap.parse_args()
     only = set(filter(None, a.only.split(",")))
     results = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+    if a.markdown:
+        print(markdown(results))
+        return
     lock = threading.Lock()
     todo = [r for r in rows(a.recover_steps, a.lora_steps, a.lora_args.split()) if not only or r[0] in only]
     todo.sort(key=lambda r: not r[0].startswith("lora"))  # the longest rows first

@@ -214,6 +214,8 @@ class PruneConfig:
     # (Fisher-like, the default), element_abs = sum of |(W+sBA)⊙Ĝ| (LLM-Pruner's element-wise first order),
     # group_sq = (sum over the group of (W+sBA)⊙Ĝ)² per module (the group's own first-order loss change, squared)
     lora_score: str = "element_sq"
+    # the estimator's LoRA rank (null = train.lora_r); train.lora_alpha is scaled with it (same alpha / r)
+    lora_r: Optional[int] = None
 
     def __post_init__(self):
         _choice("prune.method", self.method, PRUNE_METHODS)
@@ -285,6 +287,8 @@ class PruneConfig:
         _positive("prune.round_to", self.round_to)
         _positive("prune.lora_steps", self.lora_steps)
         _positive("prune.lora_every", self.lora_every)
+        if self.lora_r is not None:
+            _positive("prune.lora_r", self.lora_r)
         for k in ("protect_first", "protect_last"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
                 raise ConfigError(f"prune.{k}={getattr(self, k)!r} is not valid: it must be an integer >= 0")

@@ -25,11 +25,9 @@ extra forward per step, no cache): caching teacher logits would cost ``tokens x 
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path

@@ -375,7 +375,7 @@ def test_lora_importance_stage_merges_into_full_precision_weights(base, tmp_path
     st = block_structure(model)
     plan = plan_widths(st.blocks[0], block_params(find_blocks(model)[1][0]), 0.3, "kv_group", None)
     cfg = Config(prune=PruneConfig(method="structured", importance="lora", ratio=0.3, lora_steps=6, lora_base=base,
-                                   attn_fraction=None),
+                                   attn_fraction=None, lora_r=8 if base == "fp" else None),
                  train=TrainConfig(micro_batch_size=2, seqlen=16, lr=1e-2, lora_r=4, log_every=2, source="wikitext2"))
     tok = byte_tokenizer()
     model.resize_token_embeddings(len(tok)) if len(tok) > VOCAB else None
@@ -385,6 +385,9 @@ def test_lora_importance_stage_merges_into_full_precision_weights(base, tmp_path
     keeps = _lora_importance(ctx, st, plan, info)
     merged = ctx.model
     assert info["lora"]["steps"] == 6 and info["lora"]["base"] == base
+    assert info["lora"]["lora_r"] == (8 if base == "fp" else 4)  # prune.lora_r, else train.lora_r
+    lora_a = merged.model.layers[0].mlp.up_proj  # merged: plain linears again (no adapter left)
+    assert not hasattr(lora_a, "lora_A")
     w_after = merged.model.layers[0].mlp.down_proj.weight
     assert w_after.dtype == torch.float32 and w_after.shape == w_before.shape
     assert not torch.equal(w_after, w_before)  # the adapters were merged into the full-precision weights
