@@ -3,12 +3,17 @@ parameters, ppl right after pruning and after the same LoRA recovery budget, pru
 
 Every row is one CLI run in a fresh process (`python -m compress ...`), so each row's memory is its own:
 
-    python benchmarks/structured_bench.py --out /tmp/structured_bench --json benchmarks/results/structured_p1.json
+    python benchmarks/structured_bench.py --recover-steps 50 --lora-steps 50 --recover-lr 1e-3 --jobs 2 \
+        --out /tmp/sb2 --json benchmarks/results/structured_p1_lr1e3.json     # BENCHMARKS.md's table
+    python benchmarks/structured_bench.py --markdown --json benchmarks/results/structured_p1_lr1e3.json
 
-Recovery for every row: `train=lora`, r 16, lr 2e-4, 2 warm-up steps, ``--recover-steps`` x 2 x 512 tokens of
+Recovery for every row: `train=lora`, r 16, lr ``--recover-lr`` (default 2e-4, the first protocol's; the
+table uses 1e-3), 2 warm-up steps, ``--recover-steps`` x 2 x 512 tokens of
 the WikiText-2 validation text. The ``lora`` rows also train during pruning (``--lora-steps`` x 2 x 512
 tokens); ``lora_eq`` splits the same total budget as the others' recovery alone (half during pruning,
-half in recovery), for a fair comparison. ``activation_bc`` adds FLAP's bias compensation.
+half in recovery), for a fair comparison; ``--lora-args`` adds overrides to the lora rows (e.g.
+``prune.lora_r=64``), whose LoRAPrune training uses the same train settings as the recovery.
+``activation_bc`` adds FLAP's bias compensation.
 ``--jobs 2`` runs two rows at once with one thread each (quality figures only: their seconds are then
 not comparable with a row run alone).
 """

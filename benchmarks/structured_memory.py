@@ -24,6 +24,11 @@ ROWS = {
     "lora_4bit_ckpt_8bit_chunked": {"train": {"activation_checkpointing": True, "optimizer": "adamw_8bit",
                                               "chunked_loss": 512, "micro_batch_size": 1, "grad_accum": 2},
                                     "lora_base": "4bit"},
+    # rank 64, as the loraprune recipes (and prune.lora_r=64 in BENCHMARKS.md's table)
+    "lora_r64": {"train": {"lora_r": 64, "lora_alpha": 128}},
+    "lora_r64_ckpt_8bit_chunked": {"train": {"lora_r": 64, "lora_alpha": 128, "activation_checkpointing": True,
+                                             "optimizer": "adamw_8bit", "chunked_loss": 512, "micro_batch_size": 1,
+                                             "grad_accum": 2}},
 }
 
 CHILD = r"""

@@ -70,12 +70,12 @@ def _lora_importance(ctx, structure, plan, info) -> list:
 
     p = ctx.cfg.prune
     t = ctx.cfg.train
-    r = p.lora_r or t.lora_r
-    alpha = t.lora_alpha * r / t.lora_r  # the same scaling s = alpha / r as the train group's
+    rank = p.lora_r or t.lora_r
+    alpha = t.lora_alpha * rank / t.lora_r  # the same scaling s = alpha / r as the train group's
     tcfg = dataclasses.replace(t, method="lora" if p.lora_base == "fp" else "qlora",
                                qlora_bits=8 if p.lora_base == "8bit" else 4, max_steps=p.lora_steps,
                                eval_every=0, save_every=0, resume=None, distill=False, lora_targets=[r".*"],
-                               lora_r=r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha)
+                               lora_r=rank, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha)
     ids, data_info = packed_sequences(ctx.tokenizer, tcfg.source, tcfg.seqlen)
     cb = LoraPruneCallback(structure, plan, p.lora_steps, p.lora_warmup, p.lora_cooldown, p.lora_ema, p.lora_every,
                            p.round_to, score=p.lora_score)
@@ -121,7 +121,8 @@ def _lora_importance(ctx, structure, plan, info) -> list:
     else:
         ctx.model = trained  # merged (peft merge_and_unload keeps the original linears, weights updated)
     info["lora"] = {"steps": trainer.step, "tokens": trainer.step * tcfg.grad_accum * tcfg.micro_batch_size * tcfg.seqlen,
-                    "base": p.lora_base, "lora_r": tcfg.lora_r, "lora_alpha": tcfg.lora_alpha, "lr": tcfg.lr, "data": data_info,
+                    "base": p.lora_base, "lora_r": tcfg.lora_r, "lora_alpha": tcfg.lora_alpha, "lr": tcfg.lr,
+                    "data": data_info,
                     "schedule": cb.history[-3:], "final_loss": next((h["loss"] for h in reversed(trainer.history)
                                                                      if "loss" in h), None)}
     ctx.record.data["lora_importance_history"] = trainer.history
