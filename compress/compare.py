@@ -82,7 +82,7 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
         sp = m.get("speed") or {}
         rows.append({
             "structure": f"{st.get('importance')} {st.get('achieved_ratio', 0):.3f}" if st else "-",
-            "flops_per_token": (st.get("flops_per_token_after") or {}).get("total"),
+            "flops_per_token": (st.get("flops_per_token_after") or {}).get("total") or m.get("flops_per_token"),
             "flop_ceiling": st.get("flop_ratio_ceiling"),
             "removed_ratio": st.get("achieved_ratio"),
             "prefill_speedup": (sp.get("speedup") or {}).get(f"prefill_b{sp.get('batch_size')}"),

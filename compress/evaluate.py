@@ -87,6 +87,17 @@ def _unique_params(model):
         yield p
 
 
+def flops_metrics(model, seqlen: int) -> Dict:
+    """Analytic forward FLOPs per token at ``seqlen`` (``compress.structured.surgery.flops_per_token``:
+    linears from their shapes, attention's causal term where the role map knows the family, the LM head
+    once per sequence), for every run, so that ``compare`` shows them for dense and unstructured rows too
+    (zeros in sparse weights are counted: dense kernels multiply them)."""
+    from compress.structured.surgery import flops_per_token
+
+    f = flops_per_token(model, seqlen)
+    return {"flops_per_token": f["total"], "flops_seqlen": seqlen, "flops_attention_counted": f["attention_counted"]}
+
+
 @torch.no_grad()
 def size_metrics(model, targets=(r".*",), ignore=()) -> Dict:
     """Parameter counts and footprints; ``sparsity`` is over the linears that ``targets``/``ignore`` select

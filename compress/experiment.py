@@ -330,7 +330,7 @@ def _take_lock(path: Path) -> bool:
 
 def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -> None:
     """In a sweep, evaluate the dense model once per model and eval protocol, into ``sweep_dir/dense-<hash>``."""
-    from compress.evaluate import size_metrics
+    from compress.evaluate import flops_metrics, size_metrics
     from compress.record import RunRecord, code_version
 
     base_cfg = dataclasses.replace(ctx.cfg, prune=type(ctx.cfg.prune)(), train=type(ctx.cfg.train)(),
@@ -347,7 +347,8 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
     try:
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
                         description="dense baseline of the sweep")
-        rec.update_metrics(**size_metrics(ctx.model, ctx.cfg.prune.targets, ctx.cfg.prune.ignore))
+        rec.update_metrics(**size_metrics(ctx.model, ctx.cfg.prune.targets, ctx.cfg.prune.ignore),
+                           **flops_metrics(ctx.model, ctx.cfg.eval.speed_seqlen))
         sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)
         final_evals(sub)
         rec.finish("ok")
@@ -366,7 +367,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     Each stage runs with torch's process-global switches (TF32, cuDNN flags) restored afterwards, so
     that one cell of a one-process sweep cannot change the numerics of the next.
     """
-    from compress.evaluate import size_metrics
+    from compress.evaluate import flops_metrics, size_metrics
     from compress.models import load_model, resolve_device
     from compress.record import RunRecord, code_version, scoped_torch_flags
 
@@ -399,7 +400,10 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
                 model, tokenizer = load_model(cfg.model, device=device)
             info["dtype"] = str(next(model.parameters()).dtype)
         ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
-        sizes = lambda m: size_metrics(m, cfg.prune.targets, cfg.prune.ignore)  # noqa: E731 (the prune selection)
+
+        def sizes(m):  # the prune stage's selection; FLOPs at the speed measurement's length
+            return {**size_metrics(m, cfg.prune.targets, cfg.prune.ignore), **flops_metrics(m, cfg.eval.speed_seqlen)}
+
         rec.update_metrics(**sizes(model))
         if sweep_dir is not None and not cfg.is_dense_baseline():
             with scoped_torch_flags():

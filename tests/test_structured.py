@@ -425,6 +425,18 @@ def test_structured_sweep_then_compare(tmp_path):
     rows = [ln for ln in table.splitlines() if "| structured |" in ln]
     assert len(rows) == 4 and all("x |" in ln for ln in rows)  # ceiling and measured ratios filled in
     assert any("| wanda |" in ln for ln in table.splitlines())
+    # FLOPs/token for every row: the dense and the unstructured row alike (same shapes, zeros multiplied),
+    # each structured row below them
+    head = [c.strip() for c in next(ln for ln in table.splitlines() if "MFLOPs/token" in ln).strip("|").split("|")]
+    col = head.index("MFLOPs/token")
+
+    def mflops(ln):
+        return float(ln.strip().strip("|").split("|")[col])
+
+    dense_row = next(ln for ln in table.splitlines() if ln.startswith("| dense |"))
+    wanda_row = next(ln for ln in table.splitlines() if "| wanda |" in ln)
+    assert mflops(dense_row) == mflops(wanda_row) > 0
+    assert all(mflops(ln) < mflops(dense_row) for ln in rows)
     runs = [json.loads(p.read_text()) for p in d.glob("*/results.json")]
     ratios = sorted(round(x["structured"]["achieved_ratio"], 1) for x in runs if "structured" in x)
     assert ratios == [0.2, 0.2, 0.4, 0.4]
@@ -529,3 +541,23 @@ def test_protected_blocks_keep_their_attention():
     keeps = select(st, plan, scores, [0, plan.channel_remove], protect=[0])
     assert keeps[0].kv_heads == [0, 1] and len(keeps[0].q_heads) == 4 and len(keeps[0].channels) == 128
     assert len(keeps[1].kv_heads) == 1 and len(keeps[1].channels) == 128 - plan.channel_remove
+
+
+def test_flops_count_shapes_not_storage(tmp_path):
+    """FLOPs/token come from the linears' shapes: a bitsandbytes 4-bit model (packed storage) counts as
+    the float model it was loaded from, and a structurally pruned one counts less."""
+    from compress.structured.surgery import flops_per_token
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(
+        vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128))
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    q = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=T.BitsAndBytesConfig(
+        load_in_4bit=True))
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    f, g = flops_per_token(model, 32), flops_per_token(q, 32)
+    assert f["total"] == g["total"] and f["attention_counted"]
+    st = block_structure(model)
+    remove_width(model, st, [Keep(list(range(4)), list(range(2)), list(range(64))) for _ in st.blocks])
+    assert flops_per_token(model, 32)["linear"] < f["linear"]

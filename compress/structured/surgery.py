@@ -375,7 +375,9 @@ def flops_per_token(model: nn.Module, seqlen: int, last_logits_only: bool = True
 
     lin = 0
     for mod in resolve_targets(model).flat().values():
-        lin += 2 * mod.weight.numel()
+        # from the shape, not the storage: a bitsandbytes weight is packed, but multiplies as in x out
+        n = mod.in_features * mod.out_features if hasattr(mod, "in_features") else mod.weight.numel()
+        lin += 2 * n
     attn = 0
     try:
         st = block_structure_safe(model)
@@ -385,7 +387,9 @@ def flops_per_token(model: nn.Module, seqlen: int, last_logits_only: bool = True
     if st is not None:
         attn = sum(4 * b.n_heads * b.head_dim * ctx for b in st.blocks)
     head = model.get_output_embeddings()
-    head_flops = 2 * head.weight.numel() * ((1 / seqlen) if last_logits_only else 1) if head is not None else 0
+    head_n = (head.in_features * head.out_features if hasattr(head, "in_features") else head.weight.numel()) \
+        if head is not None else 0
+    head_flops = 2 * head_n * ((1 / seqlen) if last_logits_only else 1)
     return {"linear": lin, "attention": attn, "lm_head": head_flops, "total": lin + attn + head_flops, "seqlen": seqlen,
             # False for an architecture outside the role map: its attention term is then not counted
             "attention_counted": st is not None}
