@@ -339,14 +339,17 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
     base = dataclasses.asdict(base_cfg)
     chash = config_hash({"model": base["model"], "eval": base["eval"]})
     d = Path(sweep_dir) / f"dense-{chash}"
-    if find_finished(d, chash, code=code_version(), reuse_other_code=ctx.cfg.output.reuse_other_code) is not None:
+    code = code_version()
+    if find_finished(d, chash, code=code, reuse_other_code=ctx.cfg.output.reuse_other_code) is not None:
         return
     d.mkdir(parents=True, exist_ok=True)
     if not _take_lock(d / ".lock"):  # another live worker computes it
         return
     try:
+        # with the code version, as every run records it: find_finished compares it, and without it every
+        # cell of a sweep evaluated the dense model again
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
-                        description="dense baseline of the sweep")
+                        code_version=code, description="dense baseline of the sweep")
         rec.update_metrics(**size_metrics(ctx.model, ctx.cfg.prune.targets, ctx.cfg.prune.ignore),
                            **flops_metrics(ctx.model, ctx.cfg.eval.speed_seqlen))
         sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)

@@ -41,6 +41,8 @@ def test_sweep_compare_skip_and_resume(tmp_path):
         ("dense", "ok"), ("magnitude", "ok"), ("magnitude", "ok")]
     dense = [x for x in runs if x["recipe"] == "dense"]
     assert len(dense) == 1  # evaluated once for the sweep
+    assert "running it again" not in r.stdout + r.stderr  # not re-evaluated by the next cell
+    assert {x.get("code_version") for x in runs} == {dense[0]["code_version"]} != {None}
     # a second run skips the finished cells
     t0 = time.time()
     r = _sweep(d, tmp_path)
