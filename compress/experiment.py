@@ -162,16 +162,13 @@ def structured_speed_into(ctx: StageContext, info: Dict) -> None:
     with the analytic FLOP-ratio ceiling beside the measured prefill ratio."""
     from compress.models import load_model
     from compress.speed import serving_speed
-    from compress.structured.surgery import flops_per_token
 
     e = ctx.cfg.eval
     dense, _ = load_model(ctx.cfg.model, device=ctx.device)
     res = serving_speed({"dense": dense, "pruned": ctx.model}, batch_sizes=sorted({1, e.speed_batch_size}),
                         seqlen=e.speed_seqlen)
     del dense
-    st = ctx.artifacts["structured"]
-    fb, fa = st["flops_per_token_before"], flops_per_token(ctx.model, e.speed_seqlen)
-    ceiling = fb["total"] / fa["total"]
+    ceiling = ctx.artifacts["structured"]["flop_ratio_ceiling"]  # the stage's, at the same eval.speed_seqlen
     pr = res["models"]["pruned"]
     b = e.speed_batch_size
     out = {"tokens_per_s": pr[f"prefill_b{b}_tokens_per_s"], "batch_size": b, "seqlen": e.speed_seqlen,

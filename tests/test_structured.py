@@ -16,7 +16,7 @@ from compress.config import ConfigError, PruneConfig
 from compress.errors import UnsupportedModelError
 from compress.structured.groups import block_structure
 from compress.structured.importance import ESTIMATORS, attn_scores
-from compress.structured.surgery import (Keep, block_params, count_params, mask_hooks, plan_widths, remove_blocks,
+from compress.structured.surgery import (Keep, block_params, count_params, masked_logits, plan_widths, remove_blocks,
                                          remove_width, select)
 
 from .conftest import VOCAB, _tiny, byte_tokenizer
@@ -61,11 +61,7 @@ def test_physical_removal_equals_masking(family, unit):
     with torch.no_grad():
         dense = model(input_ids=ids).logits
     st, plan, keeps = _magnitude_keeps(model, 0.3, unit)
-    handles = mask_hooks(st, keeps)
-    with torch.no_grad():
-        masked = model(input_ids=ids).logits
-    for h in handles:
-        h.remove()
+    masked = masked_logits(model, st, keeps, ids)
     assert (masked - dense).abs().max() > 1e-3  # the masks do something
     before = count_params(model)
     sizes = remove_width(model, st, keeps)
@@ -217,11 +213,7 @@ def test_lora_estimator_masks_on_schedule_and_removal_equals_masking():
     for b, k in zip(st.blocks, keeps):
         assert len(k.kv_heads) == b.n_kv - plan.attn_remove
         assert len(k.channels) == b.intermediate - plan.channel_remove
-    handles = mask_hooks(st, keeps)
-    with torch.no_grad():
-        masked = merged(input_ids=ids_eval).logits
-    for h in handles:
-        h.remove()
+    masked = masked_logits(merged, st, keeps, ids_eval)
     remove_width(merged, st, keeps)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids_eval).logits, masked, atol=1e-5, rtol=0)
@@ -394,11 +386,7 @@ def test_lora_importance_stage_merges_into_full_precision_weights(base, tmp_path
     for b, k in zip(st.blocks, keeps):
         assert len(k.kv_heads) == b.n_kv - plan.attn_remove and len(k.channels) == b.intermediate - plan.channel_remove
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    handles = mask_hooks(block_structure(merged), keeps)
-    with torch.no_grad():
-        masked = merged(input_ids=ids).logits
-    for h in handles:
-        h.remove()
+    masked = masked_logits(merged, block_structure(merged), keeps, ids)
     remove_width(merged, block_structure(merged), keeps)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, masked, atol=1e-5, rtol=0)

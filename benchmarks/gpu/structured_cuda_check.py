@@ -12,7 +12,7 @@ from compress.calibration.blocks import find_blocks
 from compress.config import TrainConfig
 from compress.structured.groups import block_structure
 from compress.structured.lora import LoraPruneCallback
-from compress.structured.surgery import block_params, mask_hooks, plan_widths, remove_blocks, remove_width
+from compress.structured.surgery import block_params, masked_logits, plan_widths, remove_blocks, remove_width
 from compress.training import Trainer
 
 dev = "cuda"
@@ -29,11 +29,7 @@ merged = Trainer(model, tc, ids, masks={}, device=dev, callbacks=[cb]).fit()
 cb.detach()
 keeps = cb.keeps()
 x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1)).to(dev)
-hs = mask_hooks(st, keeps)
-with torch.no_grad():
-    masked = merged(input_ids=x).logits
-for h in hs:
-    h.remove()
+masked = masked_logits(merged, st, keeps, x)
 remove_width(merged, st, keeps)
 with torch.no_grad():
     diff = float((merged(input_ids=x).logits - masked).abs().max())

@@ -8,8 +8,8 @@
 """
 
 from compress.structured.groups import ROLE_MAP, Roles, block_structure, roles_for
-from compress.structured.surgery import (Keep, load_pruned, mask_hooks, plan_widths, remove_blocks, remove_width,
-                                         select)
+from compress.structured.surgery import (Keep, load_pruned, mask_hooks, masked_logits, plan_widths, remove_blocks,
+                                         remove_width, select)
 
-__all__ = ["ROLE_MAP", "Roles", "block_structure", "roles_for", "Keep", "load_pruned", "mask_hooks", "plan_widths", "remove_blocks",
-           "remove_width", "select"]
+__all__ = ["ROLE_MAP", "Roles", "block_structure", "roles_for", "Keep", "load_pruned", "mask_hooks", "masked_logits",
+           "plan_widths", "remove_blocks", "remove_width", "select"]

@@ -29,7 +29,7 @@ from torch import nn
 from compress.calibration.blocks import find_blocks
 from compress.structured.groups import ModelStructure
 from compress.structured.importance import attn_scores, group_scores
-from compress.structured.surgery import Keep, WidthPlan
+from compress.structured.surgery import Keep, WidthPlan, zero_inputs_hook
 
 
 def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -128,8 +128,7 @@ class LoraPruneCallback:
             dm = torch.ones(b.intermediate, device=dev)
             self.masks.append((om, dm))
             for role, mask in (("o", om), ("down", dm)):
-                self.handles.append(lay[role].register_forward_pre_hook(
-                    lambda m, a, mask=mask: (a[0] * mask.to(a[0].dtype),) + tuple(a[1:])))
+                self.handles.append(zero_inputs_hook(lay[role], mask))
 
     def detach(self) -> None:
         for h in self.handles:

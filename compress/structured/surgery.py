@@ -189,20 +189,35 @@ def column_masks(b: BlockStructure, keep: Keep, device=None) -> Tuple[torch.Tens
     return om.reshape(-1), dm
 
 
-def mask_hooks(structure: ModelStructure, keeps: Sequence[Keep], modules: Optional[Sequence[Dict[str, nn.Module]]] = None):
-    """Forward pre-hooks that zero the removed heads' and channels' inputs to o and down. ``modules``: the
-    modules to hook per block (default the structure's own; e.g. LoRA wrappers). Returns the handles."""
+def zero_inputs_hook(module: nn.Module, mask: torch.Tensor):
+    """A forward pre-hook on ``module`` multiplying its input by ``mask`` (read at each call, so a mask
+    updated in place takes effect at once). Returns the handle."""
+    def hook(mod, args):
+        x = args[0]
+        return (x * mask.to(x.dtype),) + tuple(args[1:])
+    return module.register_forward_pre_hook(hook)
+
+
+def mask_hooks(structure: ModelStructure, keeps: Sequence[Keep]):
+    """Forward pre-hooks that zero the removed heads' and channels' inputs to o and down. Returns the handles."""
     handles = []
-    for i, (b, k) in enumerate(zip(structure.blocks, keeps)):
-        mods = modules[i] if modules is not None else b.modules
+    for b, k in zip(structure.blocks, keeps):
         om, dm = column_masks(b, k, b.modules["o"].weight.device)
         for role, mask in (("o", om), ("down", dm)):
             if bool((mask == 0).any()):
-                def hook(module, args, mask=mask):
-                    x = args[0]
-                    return (x * mask.to(x.dtype),) + tuple(args[1:])
-                handles.append(mods[role].register_forward_pre_hook(hook))
+                handles.append(zero_inputs_hook(b.modules[role], mask))
     return handles
+
+
+@torch.no_grad()
+def masked_logits(model: nn.Module, structure: ModelStructure, keeps: Sequence[Keep], input_ids: torch.Tensor):
+    """The model's logits with the removed groups masked (what :func:`remove_width` must reproduce)."""
+    handles = mask_hooks(structure, keeps)
+    try:
+        return model(input_ids=input_ids).logits
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------- physical removal
