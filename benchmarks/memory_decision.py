@@ -16,15 +16,19 @@ the seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import child as run_child
+from common import write
+
+from compress.config import prune_config
+from compress.core.memory import HeapPeak, PeakMemory
+from compress.schema import CalibConfig
+from compress.stages.prune import prune_model
 
 MODES = {"single": "true", "two": "false"}
 
@@ -43,12 +47,6 @@ def build(nsamples: int, seqlen: int):
 
 
 def child(method: str, sequential: str, nsamples: int, seqlen: int, budget: float) -> dict:
-    import gc
-
-    from compress.config import CalibConfig, PruneConfig
-    from compress.pruning import prune_model
-    from compress.record import HeapPeak, PeakMemory
-
     model, ids = build(nsamples, seqlen)
     gc.collect()
     base = HeapPeak()
@@ -60,7 +58,7 @@ def child(method: str, sequential: str, nsamples: int, seqlen: int, budget: floa
             for i in range(ids.shape[0]):
                 model.model(input_ids=ids[i:i + 1], use_cache=False)
         return {"seconds": time.perf_counter() - t0, "heap_extra_mb": hp.peak_mb - base.peak_mb}
-    cfg = PruneConfig(method=method, sparsity=0.5, sequential=sequential, memory_budget=budget)
+    cfg = prune_config(method=method, sparsity=0.5, sequential=sequential, memory_budget=budget)
     t0 = time.perf_counter()
     with HeapPeak() as hp, PeakMemory() as pm:
         rep = prune_model(model, None, cfg, CalibConfig(nsamples=nsamples, seqlen=seqlen), calib_ids=ids, progress=False)
@@ -75,13 +73,9 @@ def child(method: str, sequential: str, nsamples: int, seqlen: int, budget: floa
             "achieved": rep.achieved()}
 
 
-def run_child(args, *extra) -> dict:
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
-    cp = subprocess.run([sys.executable, __file__, "--child", *map(str, extra), "--nsamples", str(args.nsamples),
-                         "--seqlen", str(args.seqlen)], env=env, capture_output=True, text=True)
-    if cp.returncode != 0:
-        raise RuntimeError(cp.stderr[-3000:])
-    return json.loads(cp.stdout.strip().splitlines()[-1])
+def measure(args, *extra) -> dict:
+    return run_child(__file__, [*extra, "--nsamples", args.nsamples, "--seqlen", args.seqlen],
+                     env={"MALLOC_ARENA_MAX": "1"})
 
 
 def main(argv=None):
@@ -96,19 +90,17 @@ def main(argv=None):
         method, seq, budget = args.child[0], args.child[1], float(args.child[2])
         print(json.dumps(child(method, seq, args.nsamples, args.seqlen, budget)))
         return 0
-    out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "threads": torch.get_num_threads(), "torch": torch.__version__},
-           "model": "random Llama, 2 blocks, hidden 4096, intermediate 11008, 32 heads, fp32, vocab 1024",
+    out = {"model": "random Llama, 2 blocks, hidden 4096, intermediate 11008, 32 heads, fp32, vocab 1024",
            "tokens": f"{args.nsamples} x {args.seqlen} random tokens, batch 1",
            "measure": "glibc heap in use above the level after loading (MALLOC_ARENA_MAX=1), 2 ms sampling",
            "runs": []}
-    fwd = run_child(args, "fwd", "-", 1.0, 0)
+    fwd = measure(args, "fwd", "-", 1.0, 0)
     out["dense_forward"] = fwd
     print("dense forward", json.dumps(fwd), flush=True)
     for method in args.methods.split(","):
         res = {}
         for mode, seq in MODES.items():
-            r = run_child(args, method, seq, 1.0, 0)
+            r = measure(args, method, seq, 1.0, 0)
             r["x_dense_forward"] = r["seconds"] / fwd["seconds"]
             res[mode] = r
             out["runs"].append(r)
@@ -118,12 +110,11 @@ def main(argv=None):
         free = res["single"]["free_mb"]
         mid = (est["single_pass_mb"] + est["two_pass_mb"]) / 2 / free
         for budget in (mid, 1.0):
-            r = run_child(args, method, "auto", budget, 0)
+            r = measure(args, method, "auto", budget, 0)
             r["x_dense_forward"] = r["seconds"] / fwd["seconds"]
             out["runs"].append(r)
             print(method, "auto", round(budget, 4), json.dumps(r), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write(args.out, out)
     return 0
 
 

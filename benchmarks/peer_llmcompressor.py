@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import write, yardstick
+
+from compress.core.masks import check_nm
+from compress.data import load_calibration
+from compress.evaluate import perplexity, size_metrics
+from compress.models import embedded_checkpoint
 
 CONFIGS = {  # name -> (modifier class name, kwargs); quantization rows: symmetric int weights, lm_head kept
     "gptq_w4_g64": ("GPTQModifier", dict(bits=4, group=64, block_size=128, dampening_frac=0.01)),
@@ -55,11 +59,6 @@ def main(argv=None) -> int:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compress.data import load_calibration
-    from compress.evaluate import perplexity, size_metrics
-    from compress.models import embedded_checkpoint
-    from compress.pruning.masks import check_nm
-
     classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier,
                "GPTQModifier": GPTQModifier, "QuantizationModifier": QuantizationModifier}
 
@@ -78,16 +77,11 @@ def main(argv=None) -> int:
 
     model = fresh()
     ids, calib_info = load_calibration(tok, "wikitext2", 32, 512, 0)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(ids.shape[0]):
-            model(input_ids=ids[i:i + 1], use_cache=False)
-    fwd = time.perf_counter() - t0
+    fwd = yardstick(model, ids)
     dense_ppl = perplexity(model, tok, progress=False)["ppl"]
     print(f"dense forward over {ids.numel()} calibration tokens: {fwd:.1f}s; dense ppl {dense_ppl:.3f}", flush=True)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     out = {"peer": "llmcompressor", "llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
-           "torch": torch.__version__, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
            "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl, "rows": []}
     for name in [n for n in args.only.split(",") if n]:
         cls, kw = CONFIGS[name]
@@ -110,8 +104,7 @@ def main(argv=None) -> int:
             row["sparsity"] = size_metrics(model)["sparsity"]
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+        write(args.out, out)
         del model
     return 0
 

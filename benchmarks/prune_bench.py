@@ -17,25 +17,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
+from common import write, yardstick
+from reference_port import prune_reference_style
 
-from compress.calibration import find_blocks
-from compress.config import CalibConfig, ModelConfig, PruneConfig, parse_pattern
+from compress.calibration.blocks import find_blocks
+from compress.config import prune_config
+from compress.core.config import parse_pattern
+from compress.core.memory import PeakMemory
 from compress.data import load_calibration
 from compress.evaluate import perplexity
 from compress.models import load_model
-from compress.pruning import prune_model
-from compress.record import PeakMemory
+from compress.schema import CalibConfig, ModelConfig
+from compress.stages.prune import prune_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from reference_port import prune_reference_style  # noqa: E402
-
-# name -> (PruneConfig kwargs, reference ppl, reference seconds) — reference: Wanda authors' code, same
+# name -> (prune config kwargs, reference ppl, reference seconds) — reference: Wanda authors' code, same
 # protocol, on a 2-core machine of this kind (from the issue that set the targets)
 REF = {
     "magnitude_50": (dict(method="magnitude", sparsity=0.5), 524.2, 7.6),
@@ -65,21 +65,11 @@ def _achieved(model) -> float:
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-def dense_forward_seconds(model, ids, batch_size: int) -> float:
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[i:i + batch_size].to(next(model.parameters()).device), use_cache=False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated names (default: all)")
     ap.add_argument("--modes", default="seq", help="comma-separated: seq (single pass), ref (reference behaviour)")
-    ap.add_argument("--extra", default="", help="JSON dict of name -> PruneConfig kwargs to add (e.g. recipes)")
+    ap.add_argument("--extra", default="", help="JSON dict of name -> prune config kwargs to add (e.g. recipes)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="model dtype (statistics and Hessians are float32 anyway)")
     ap.add_argument("--out", default="benchmarks/results/prune_p1.json")
@@ -100,22 +90,20 @@ def main(argv=None):
     model, tok = load_model(mcfg)
     ids, calib_info = load_calibration(tok, calib.source, calib.nsamples, calib.seqlen, calib.seed)
     with PeakMemory(args.device) as fwd_mem:
-        fwd = dense_forward_seconds(model, ids, calib.batch_size)
+        fwd = yardstick(model, ids, calib.batch_size)
     dense_ppl = perplexity(model, tok, progress=False)["ppl"]
     print(f"dense forward over {ids.numel()} calibration tokens: {fwd:.1f}s; dense ppl {dense_ppl:.3f}", flush=True)
     rows = []
-    out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
-                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__},
-           "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl,
+    out = {"device": args.device, "dtype": args.dtype, "protocol": "P1", "calibration": calib_info, "dense_forward_seconds": fwd, "dense_ppl": dense_ppl,
            "dense_forward_peak_memory_mb": fwd_mem.peak_mb,
            "rows": rows}
     for name in names:
         kwargs, ref_ppl, ref_s = configs[name]
         for mode in args.modes.split(","):
             model, tok = load_model(mcfg)
-            cfg = PruneConfig(**{**(MODES[mode] or {}), **kwargs})
-            row_fwd = dense_forward_seconds(model, ids, calib.batch_size) if args.fwd_each else fwd
+            mkw = MODES[mode] if mode != "port" and kwargs["method"] != "magnitude" else {}  # magnitude: no loop
+            cfg = prune_config(**{**mkw, **kwargs})
+            row_fwd = yardstick(model, ids, calib.batch_size) if args.fwd_each else fwd
             with PeakMemory(args.device) as mem:
                 t0 = time.perf_counter()
                 if mode == "port":
@@ -128,7 +116,7 @@ def main(argv=None):
                 achieved, nm_exact, rel_err = _achieved(model), None, None
             else:
                 achieved, nm_exact, rel_err = rep.achieved(), rep.summary().get("nm_exact"), rep.summary()["mean_rel_error"]
-            row = {"name": name, "mode": mode, "config": {k: v for k, v in vars(cfg).items()}, "ppl": ppl,
+            row = {"name": name, "mode": mode, "config": asdict(cfg), "ppl": ppl,
                    "ref_ppl": ref_ppl, "ppl_vs_ref": ppl / ref_ppl if ref_ppl else None,
                    "prune_seconds": secs, "dense_forward_seconds": row_fwd, "x_dense_forward": secs / row_fwd,
                    "ref_seconds": ref_s, "achieved_sparsity": achieved, "nm_exact": nm_exact,
@@ -136,8 +124,7 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("name", "mode", "ppl", "ref_ppl", "prune_seconds",
                                                    "x_dense_forward", "achieved_sparsity", "nm_exact")}), flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+            write(args.out, out)
             del model
     print(markdown(out))
     return 0

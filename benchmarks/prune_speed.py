@@ -18,26 +18,24 @@ calibration tokens, and the peak RSS. Perplexities are in ``prune_bench.py``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import child, write, yardstick
+from prune_bench import REF
+from reference_port import prune_reference_style
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prune_bench import REF, dense_forward_seconds  # noqa: E402
-from reference_port import prune_reference_style  # noqa: E402
-
-from compress.config import CalibConfig, ModelConfig, PruneConfig, parse_pattern  # noqa: E402
-from compress.data import load_calibration  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.pruning import prune_model  # noqa: E402
-from compress.record import HeapPeak, PeakMemory  # noqa: E402
+from compress.config import prune_config
+from compress.core.config import parse_pattern
+from compress.core.memory import HeapPeak, PeakMemory
+from compress.data import load_calibration
+from compress.models import load_model
+from compress.schema import CalibConfig, ModelConfig
+from compress.stages.prune import prune_model
 
 MODES = {"seq": dict(sequential=True), "ref": dict(sequential=False)}
 
@@ -52,24 +50,23 @@ def _setup(batch_size: int = 1):
 def _run(model, tok, calib, ids, name: str, mode: str) -> None:
     kwargs = REF[name][0]
     if mode == "fwd":
-        dense_forward_seconds(model, ids, calib.batch_size)
+        yardstick(model, ids, calib.batch_size)
     elif mode == "fwd_body":  # the decoder stack without the LM head (no logits), the stricter bound
         with torch.no_grad():
             for i in range(0, ids.shape[0], calib.batch_size):
                 model.base_model(input_ids=ids[i:i + calib.batch_size], use_cache=False)
     elif mode == "port":
-        cfg = PruneConfig(**kwargs)
+        cfg = prune_config(**kwargs)
         prune_reference_style(model, ids, cfg.method, cfg.sparsity, parse_pattern(cfg.pattern))
     else:
-        prune_model(model, tok, PruneConfig(**{**MODES[mode], **kwargs}), calib, calib_ids=ids, progress=False)
+        loop = MODES[mode] if kwargs["method"] != "magnitude" else {}  # magnitude has no block loop
+        prune_model(model, tok, prune_config(**{**loop, **kwargs}), calib, calib_ids=ids, progress=False)
 
 
 def speed(names, modes, repeat, batch_size=1):
     model, tok, calib, ids = _setup(batch_size)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "threads": torch.get_num_threads(), "torch": torch.__version__},
-           "protocol": f"P1 calibration (32 x 512 tokens, batch {calib.batch_size}; the port at 1), fp32 CPU", "configs": {}}
+    out = {"protocol": f"P1 calibration (32 x 512 tokens, batch {calib.batch_size}; the port at 1), fp32 CPU", "configs": {}}
     for name in names:
         times = {m: [] for m in ["fwd", "port", *modes]}
         for r in range(repeat):
@@ -93,8 +90,6 @@ def speed(names, modes, repeat, batch_size=1):
 
 def _memory_child(name, mode, batch_size=1):
     model, tok, calib, ids = _setup(int(batch_size))
-    import gc
-
     gc.collect()
     base = HeapPeak()
     with base:
@@ -106,16 +101,12 @@ def _memory_child(name, mode, batch_size=1):
 
 
 def memory(names, modes, batch_size=1):
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
-    out = {"machine": {"platform": platform.platform(), "torch": torch.__version__},
-           "measure": "glibc heap in use above the level after loading (MALLOC_ARENA_MAX=1), and peak RSS",
+    out = {"measure": "glibc heap in use above the level after loading (MALLOC_ARENA_MAX=1), and peak RSS",
            "batch_size": batch_size, "configs": {}}
     fwd = ["fwd", "fwd_body"] if batch_size > 1 else ["fwd"]
     jobs = [(names[0], f) for f in fwd] + [(n, m) for n in names for m in (["port"] if batch_size == 1 else []) + modes]
     for name, mode in jobs:
-        cp = subprocess.run([sys.executable, __file__, "--child", name, mode, str(batch_size)], env=env, capture_output=True,
-                            text=True, check=True)
-        res = json.loads(cp.stdout.strip().splitlines()[-1])
+        res = child(__file__, [name, mode, batch_size], env={"MALLOC_ARENA_MAX": "1"})
         key = {"fwd": "dense_forward", "fwd_body": "dense_forward_no_lm_head"}.get(mode, f"{name}/{mode}")
         out["configs"][key] = res
         print(key, json.dumps(res, default=lambda x: round(x, 1)), flush=True)
@@ -141,9 +132,7 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     out = (speed(names, modes, args.repeat, args.batch_size) if args.what == "speed"
            else memory(names, modes, args.batch_size))
-    path = Path(args.out or f"benchmarks/results/prune_{args.what}_vs_port.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str))
+    write(args.out or f"benchmarks/results/prune_{args.what}_vs_port.json", out)
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from compress.calibration import capture_block_inputs, find_blocks
+from compress.calibration.blocks import capture_block_inputs, find_blocks
 
 
 class _Wrapped:

@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import write
+
+from compress.config import prune_config
+from compress.core.masks import nm_mask
+from compress.models import load_model
+from compress.schema import ModelConfig
+from compress.speed import prefill_throughput, semi_structured_available, to_semi_structured
+from compress.stages.prune import prune_model
 
 SHAPES = {  # name: (out_features, in_features)
     "smollm2.q_proj": (576, 576), "smollm2.k_proj": (192, 576), "smollm2.gate_proj": (1536, 576),
@@ -65,8 +71,6 @@ def graph_time_ms(fn, iters: int = 50) -> float:
 def bench_linear(tokens: int, dtypes, backends):
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    from compress.pruning.masks import nm_mask
-
     rows = []
     for name, (n_out, n_in) in SHAPES.items():
         for dt in dtypes:
@@ -98,14 +102,9 @@ def bench_linear(tokens: int, dtypes, backends):
 
 
 def bench_model(batch_sizes, seqlen: int, backend: str):
-    from compress.config import ModelConfig, PruneConfig
-    from compress.models import load_model
-    from compress.pruning import prune_model
-    from compress.speed import prefill_throughput, to_semi_structured
-
     model, tok = load_model(ModelConfig(device="cuda", dtype="bfloat16"))
     dense = {bs: prefill_throughput(model, bs, seqlen) for bs in batch_sizes}
-    prune_model(model, tok, PruneConfig(method="magnitude", pattern="2:4"), progress=False)
+    prune_model(model, tok, prune_config(method="magnitude", pattern="2:4"), progress=False)
     ids = torch.randint(0, model.config.vocab_size, (4, seqlen), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.float()
@@ -147,13 +146,10 @@ def main(argv=None):
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/sparse_speed.json")
     args = ap.parse_args(argv)
-    from compress.speed import semi_structured_available
-
     if not semi_structured_available():
         print("sparse_speed: no CUDA GPU with compute capability >= 8.0 here; 2:4 kernels cannot be measured.")
         return 0
-    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "platform": platform.platform()}
+    out = {"cuda": torch.version.cuda}
     out["linear"] = bench_linear(args.tokens, (torch.float16, torch.bfloat16), ("cutlass", "cusparselt"))
     if not args.skip_model:
         out["model"] = {}
@@ -163,8 +159,7 @@ def main(argv=None):
             except Exception as e:  # e.g. CUTLASS 2:4 kernels are built for compute capability 8.x only
                 out["model"][be] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 print(json.dumps({"model_backend": be, **out["model"][be]}), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write(args.out, out)
     print("| shape | out x in | dtype | backend | dense ms | 2:4 ms | speed-up | graphed speed-up |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in out["linear"]:

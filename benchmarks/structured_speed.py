@@ -14,18 +14,19 @@ with one of the 3 KV groups, and 6 of 30 blocks (depth 20%).
 
 import argparse
 import copy
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+import transformers as T
+from common import write
 
 from compress.calibration.blocks import find_blocks
+from compress.calibration.roles import block_structure
+from compress.evaluate import flops_per_token
+from compress.models import load_model
+from compress.schema import ModelConfig
 from compress.speed import serving_speed
-from compress.structured.groups import block_structure
-from compress.structured.surgery import (Keep, block_params, count_params, flops_per_token, plan_widths,
-                                         remove_blocks, remove_width)
+from compress.structured.surgery import Keep, block_params, count_params, plan_widths, remove_blocks, remove_width
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
@@ -34,14 +35,9 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 
 def dense_model(args):
     if args.random:
-        import transformers as T
-
         torch.manual_seed(0)
         m = T.AutoModelForCausalLM.from_config(T.LlamaConfig(**SMOLLM2), dtype=getattr(torch, args.dtype))
     else:
-        from compress.config import ModelConfig
-        from compress.models import load_model
-
         m, _ = load_model(ModelConfig(device="cpu", dtype=args.dtype))
     return m.to(args.device).eval()
 
@@ -91,9 +87,7 @@ def main():
         info[name]["fraction_of_ceiling"] = {k: v / info[name]["flop_ratio_ceiling"] for k, v in sp.items()
                                              if k.startswith("prefill")}
     out = {"device": res["device"], "dtype": res["dtype"], "weights": "random" if a.random else "embedded SmolLM2",
-           "machine": platform.processor() or platform.machine(), "seconds": time.time() - t0,
-           "dense": res["models"]["dense"], "cuts": info, "raw": res,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+           "seconds": time.time() - t0, "dense": res["models"]["dense"], "cuts": info, "raw": res}
     print(f"{'cut':<12} {'ratio':>6} {'ceiling':>8} {'prefill b1':>11} {'prefill b8':>11} {'decode b1':>10}")
     for name, v in info.items():
         sp = v["speedup"]
@@ -103,8 +97,7 @@ def main():
     print(f"dense: prefill b1 {d['prefill_b1_tokens_per_s']:.0f} tok/s, b8 {d['prefill_b8_tokens_per_s']:.0f} tok/s, "
           f"decode {d['decode_b1_tokens_per_s']:.1f} tok/s on {res['device']} {res['dtype']}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        write(a.json, out)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+import torch
+from common import child, write
+
+from compress.core.memory import HeapPeak, PeakMemory
+from compress.data import packed_sequences
+from compress.models import load_model
+from compress.schema import ModelConfig, TrainConfig
+from compress.training import Trainer
 
 CONFIGS = {
     "plain": dict(method="full", optimizer="adamw"),
@@ -37,14 +43,6 @@ CONFIGS = {
 
 
 def one(name: str, steps: int, device: str) -> dict:
-    import torch
-
-    from compress.config import ModelConfig, TrainConfig
-    from compress.data import packed_sequences
-    from compress.models import load_model
-    from compress.record import HeapPeak, PeakMemory
-    from compress.training import Trainer
-
     kw = dict(max_steps=steps, micro_batch_size=4, seqlen=512, lr=1e-5, log_every=1, seed=0)
     kw.update(CONFIGS[name])
     cfg = TrainConfig(**kw)
@@ -67,29 +65,25 @@ def main(argv=None):
     ap.add_argument("--only", default="")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/train_memory.json")
     args = ap.parse_args(argv)
-    if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.steps, args.device)), flush=True)
+    if args.child:
+        print(json.dumps(one(args.child, args.steps, args.device)), flush=True)
         return 0
     rows = []
     for name in (args.only.split(",") if args.only else CONFIGS):
         t0 = time.time()
-        env = dict(os.environ, MALLOC_ARENA_MAX="1")  # every thread in glibc's main arena, which HeapPeak reads
-        p = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device],
-                           capture_output=True, text=True, env=env)
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-        if p.returncode != 0 or not line:
-            rows.append({"name": name, "error": p.stderr[-2000:]})
-            print(f"{name}: FAILED\n{p.stderr[-2000:]}", flush=True)
+        try:  # every thread in glibc's main arena, which HeapPeak reads
+            row = child(__file__, [name, "--steps", args.steps, "--device", args.device], env={"MALLOC_ARENA_MAX": "1"})
+        except RuntimeError as e:
+            rows.append({"name": name, "error": str(e)[-2000:]})
+            print(f"{name}: FAILED\n{e}", flush=True)
             continue
-        row = json.loads(line[0][7:])
         row["wall_s"] = time.time() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        write(args.out, {"rows": rows})
     base = next((r for r in rows if r["name"] == "plain" and "peak_memory_mb" in r), None)
     heap = base is not None and base.get("heap_peak_mb") is not None
     print("| config | peak MiB | × plain |" + (" heap peak MiB | × plain |" if heap else "") + " tokens/s | × plain |\n"

@@ -2,7 +2,7 @@
 
 Public API (imports are lazy so that the CLI starts fast)::
 
-    from compress import load_model, perplexity, prune_model, run_experiment
+    from compress import load_model, make_config, perplexity, prune_model, quantize_model, run_experiment
 """
 
 __version__ = "0.1.0"
@@ -11,9 +11,11 @@ _LAZY = {
     "load_model": "compress.models",
     "perplexity": "compress.evaluate",
     "size_metrics": "compress.evaluate",
-    "prune_model": "compress.pruning",
+    "prune_model": "compress.stages.prune",
+    "quantize_model": "compress.stages.quant",
+    "make_config": "compress.config",
     "run_experiment": "compress.experiment",
-    "find_blocks": "compress.calibration",
+    "find_blocks": "compress.calibration.blocks",
     "load_calibration": "compress.data",
     "Config": "compress.config",
 }

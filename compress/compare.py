@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from compress.config import label as method_label
+
 COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "quant", "bits_per_weight", "footprint_packed_mb",
            "ppl", "delta_vs_dense", "dense", "params_total", "structure", "removed_ratio", "flops_per_token",
            "flop_ceiling", "prefill_speedup", "decode_speedup",
@@ -72,12 +74,11 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
         qm = quant.get("method", "none")
         # the dense baseline: every stage none (a quant-only or train-only run is not dense)
         dense = all((cfg.get(s) or {}).get("method", "none") == "none" for s in ("prune", "train", "quant"))
-        qlabel = "-" if qm == "none" else (f"{qm} w{quant.get('bits')}" + (
-            "" if qm == "bnb" else f" {'g' + str(quant.get('group_size')) if quant.get('group_size', -1) != -1 else 'ch'}"
-            f" {'sym' if quant.get('symmetric') else 'asym'}"
-            + (" act-order" if qm == "gptq" and quant.get("act_order") else "")
-            + (" mse" if qm != "bnb" and quant.get("mse") else "")
-            + (" joint" if quant.get("joint") else "")))
+        qlabel = "-" if qm == "none" else method_label("quant", quant)
+        if qlabel != "-" and (cfg.get("transform") or {}).get("method", "none") != "none":
+            qlabel = f"{method_label('transform', cfg['transform'])} + {qlabel}"
+        masker = prune if method != "none" else quant if "sparsity" in quant else {}  # who chose the zeros
+        mlabel = masker.get("method", "none") if masker else "none"
         st = data.get("structured") or {}
         sp = m.get("speed") or {}
         rows.append({
@@ -91,15 +92,15 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
                 x for x in (method if method != "none" else "", (cfg.get("train") or {}).get("method", "none")
                             if (cfg.get("train") or {}).get("method", "none") != "none" else "",
                             qm if qm != "none" else "") if x)),
-            "method": "none" if dense else method,
+            "method": "none" if dense else (method if method != "none" else mlabel if masker else "none"),
             "dense": dense,
             "quant": qlabel,
             "bits_per_weight": m.get("bits_per_weight"),
             "footprint_packed_mb": m.get("footprint_packed_mb"),
-            "pattern": (prune.get("pattern", "") if method != "structured" else prune.get("importance", ""))
-            if method != "none" else "",
-            "sparsity_target": (prune.get("sparsity") if method != "structured" else prune.get("ratio"))
-            if method != "none" else 0.0,
+            "pattern": (masker.get("pattern", "") if method != "structured" else prune.get("importance", ""))
+            if masker else "",
+            "sparsity_target": (masker.get("sparsity") if method != "structured" else prune.get("ratio"))
+            if masker else 0.0,
             "sparsity": m.get("sparsity"),
             "ppl": ppl.get(ds) if ds else None,
             "params_total": m.get("params_total"),

@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress.calibration.roles import block_structure
+from compress.calibration.targets import resolve_targets
+from compress.core.counting import flops_per_token as _flops
+from compress.core.errors import UnsupportedModelError
+from compress.core.modules import dense_weight, is_quantized_storage, linear_shape, unique_parameters
 from compress.data import Text, load_text, tokenize
 
 
@@ -78,22 +83,27 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 512, 
     return out
 
 
-def _unique_params(model):
-    seen = set()
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        yield p
+def flops_per_token(model, seqlen: int, last_logits_only: bool = True) -> Dict:
+    """Analytic forward FLOPs per token of a prefill of ``seqlen`` tokens (:func:`compress.core.counting.flops_per_token`):
+    every block linear from its shape (a bitsandbytes weight is packed but multiplies as ``in x out``), the
+    attention term where the roles of the blocks are recognised (``attention_counted``), the LM head."""
+    shapes = [linear_shape(m) for m in resolve_targets(model).flat().values()]
+    try:
+        attention = [(b.n_heads, b.head_dim) for b in block_structure(model).blocks]
+    except UnsupportedModelError:  # an architecture no role pattern covers: its attention term is not counted
+        attention = None
+    head = model.get_output_embeddings()
+    head_n = (head.in_features * head.out_features if hasattr(head, "in_features") else head.weight.numel()) \
+        if head is not None else 0
+    out = _flops(shapes, attention or [], head_n, seqlen, last_logits_only)
+    out["attention_counted"] = attention is not None
+    return out
 
 
 def flops_metrics(model, seqlen: int) -> Dict:
-    """Analytic forward FLOPs per token at ``seqlen`` (``compress.structured.surgery.flops_per_token``:
-    linears from their shapes, attention's causal term where the role map knows the family, the LM head
-    once per sequence), for every run, so that ``compare`` shows them for dense and unstructured rows too
-    (zeros in sparse weights are counted: dense kernels multiply them)."""
-    from compress.structured.surgery import flops_per_token
-
+    """Analytic forward FLOPs per token at ``seqlen`` (:func:`flops_per_token`), for every run, so that
+    ``compare`` shows them for dense and unstructured rows too (zeros in sparse weights are counted: dense
+    kernels multiply them)."""
     f = flops_per_token(model, seqlen)
     return {"flops_per_token": f["total"], "flops_seqlen": seqlen, "flops_attention_counted": f["attention_counted"]}
 
@@ -102,10 +112,8 @@ def flops_metrics(model, seqlen: int) -> Dict:
 def size_metrics(model, targets=(r".*",), ignore=()) -> Dict:
     """Parameter counts and footprints; ``sparsity`` is over the linears that ``targets``/``ignore`` select
     (the prune stage's own selection, through the same resolver), ``prunable_params`` their size."""
-    from compress.calibration import resolve_targets
-
     total = nonzero = nbytes = 0
-    for p in _unique_params(model):
+    for p in unique_parameters(model):
         total += p.numel()
         nonzero += int(torch.count_nonzero(p))
         nbytes += p.numel() * p.element_size()
@@ -115,10 +123,8 @@ def size_metrics(model, targets=(r".*",), ignore=()) -> Dict:
     saved = 0  # bytes saved by storing sparse linears as non-zero values + a 1-bit mask per weight
     for mod in resolve_targets(model, targets, ignore).flat().values():
         w = mod.weight
-        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # bitsandbytes: packed
-            from compress.quant.bnb import dequantized_weight
-
-            w = dequantized_weight(mod)
+        if is_quantized_storage(mod):  # bitsandbytes: packed
+            w = dense_weight(mod)
             zeros = int(w.numel() - torch.count_nonzero(w))
             lin_total += w.numel()
             lin_zero += zeros

@@ -1,8 +1,12 @@
-"""One experiment: load -> the configured stages (``stages``, default prune, train, quant) -> eval, with a run record.
+"""One experiment: load -> the configured stages (``stages``, default prune, train, quant) -> save -> eval,
+with a run record. This module is the only writer of the record.
 
-Each stage is a function ``stage(ctx, info)`` registered in :data:`STAGES`; ``info`` is a dict whose
-contents go into that stage's entry in ``results.json``. The record is rewritten after every stage,
-so a failure in a later stage keeps everything the earlier ones measured.
+Each stage is ``run(ctx) -> StageResult`` (:mod:`compress.stages`); its result is written into
+``results.json`` (its entry in ``stages``, its report sections, metrics and protocol) and the record is
+rewritten after every stage, so a failure in a later stage keeps everything the earlier ones measured.
+The model is saved right after the last stage with that stage's saver (before any evaluation, so that an
+evaluation that fails loses nothing), and the saved checkpoint is verified by a stock reload in a fresh
+process (:mod:`compress.reload`): a checkpoint that does not reload never ends a run ``ok``.
 """
 
 from __future__ import annotations
@@ -11,117 +15,65 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Dict, Optional
 
+from omegaconf import OmegaConf
+
+from compress.calibration.targets import resolve_targets
 from compress.config import Config
+from compress.core.config import dataset_key
+from compress.core.errors import SaveError, ShortfallError
+from compress.core.modules import weights_fingerprint
+from compress.core.runtime import resolve_device, scoped_torch_flags, seed_everything
+from compress.evaluate import flops_metrics, perplexity, size_metrics
+from compress.lmeval import zero_shot
+from compress.models import load_model, meta_model
+from compress.record import RunRecord, code_version
+from compress.reload import verify_saved
+from compress.registry import NoneConfig
+from compress.speed import prefill_throughput, semi_structured_available, serving_speed, to_semi_structured
+from compress.stages import STAGES, PretrainedSaver, StageContext, StageResult
 
-
-@dataclass
-class StageContext:
-    cfg: Config
-    model: Any
-    tokenizer: Any
-    device: str
-    record: Any
-    out_dir: Path
-    artifacts: Dict = dataclasses.field(default_factory=dict)  # what later steps need (e.g. the quant grids for saving)
-
-
-def _stage_prune(ctx: StageContext, info: Dict) -> None:
-    from compress.errors import ShortfallError
-    from compress.pruning import prune_model
-
-    if ctx.cfg.prune.method == "structured":
-        from compress.structured.stage import structured_stage
-
-        structured_stage(ctx, info)  # sets ctx.model (the LoRA estimator hands back the merged model)
-        return
-
-    def record(report):
-        info.update(report.summary())
-        if report.mode:
-            info["mode"] = report.mode["chosen"]
-            info["mode_decision"] = report.mode
-        info["check"] = report.check
-        ctx.record.data["prune_report"] = report.to_dict()
-        ctx.record.data["protocol"]["calibration"] = report.calibration
-        print(report.table())
-
-    try:
-        report = prune_model(ctx.model, ctx.tokenizer, ctx.cfg.prune, ctx.cfg.calib, device=ctx.device,
-                             quant=ctx.cfg.quant if ctx.cfg.quant.joint else None)
-        if report.joint_quant is not None:  # the quant stage that follows reports and checks it
-            ctx.artifacts["joint_quant_report"] = report.joint_quant
-    except ShortfallError as e:  # what it did is recorded before the stage fails
-        if e.report is not None:
-            record(e.report)
-        raise
-    record(report)
-
-
-def _stage_train(ctx: StageContext, info: Dict) -> None:
-    from compress.training import train_stage
-
-    ctx.model = train_stage(ctx, info)
-
-
-def _stage_quant(ctx: StageContext, info: Dict) -> None:
-    from compress.quant.stage import quant_stage
-
-    ctx.model = quant_stage(ctx, info)
-
-
-STAGES: Dict[str, Callable[[StageContext, Dict], None]] = {
-    "prune": _stage_prune,
-    "train": _stage_train,
-    "quant": _stage_quant,
-}
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
 
 
 def _config_dict(cfg: Config, resolved) -> Dict:
     if resolved is not None:
-        from omegaconf import OmegaConf
-
         return OmegaConf.to_container(resolved, resolve=True)
     return dataclasses.asdict(cfg)
 
 
-def evaluate_into(ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
-    from compress.config import dataset_key
-    from compress.evaluate import perplexity
+def write_result(rec: RunRecord, info: Dict, result: StageResult) -> None:
+    """A stage's result into the record: its entry (``info``), its sections, metrics and protocol."""
+    info.update(result.summary)
+    for k, v in result.sections.items():
+        rec.data[k] = v
+    rec.data["metrics"].update(result.metrics)
+    rec.data["protocol"].update(result.protocol)
+    if result.printed:
+        print(result.printed)
 
+
+def evaluate_into(rec: RunRecord, ctx: StageContext, label: str = "ppl") -> Dict[str, float]:
     e = ctx.cfg.eval
     out = {}
     for ds in e.datasets:
         key = dataset_key(ds)
         res = perplexity(ctx.model, ctx.tokenizer, ds, e.seqlen, e.max_windows, e.batch_size, e.add_bos)
         out[key] = res["ppl"]
-        ctx.record.data["metrics"].setdefault(label, {})[key] = res["ppl"]
-        ctx.record.data["protocol"][key] = dict(res["protocol"], source=ds)
-        ctx.record.save()
+        rec.data["metrics"].setdefault(label, {})[key] = res["ppl"]
+        rec.data["protocol"][key] = dict(res["protocol"], source=ds)
+        rec.save()
     return out
 
 
-def zero_shot_into(ctx: StageContext, info: Dict) -> None:
-    from compress.lmeval import zero_shot
-
+def zero_shot_into(rec: RunRecord, ctx: StageContext, info: Dict) -> None:
     z = ctx.cfg.eval.zero_shot
     res = zero_shot(ctx.model, ctx.tokenizer, z.tasks, z.num_fewshot, z.limit, z.batch_size, z.include_path,
                     seed=ctx.cfg.seed)
-    ctx.record.data["metrics"]["zero_shot"] = res["metrics"]
-    ctx.record.data["protocol"]["zero_shot"] = res["protocol"]
+    rec.data["metrics"]["zero_shot"] = res["metrics"]
+    rec.data["protocol"]["zero_shot"] = res["protocol"]
     info["tasks"] = {t: {k: v for k, v in m.items() if not k.endswith("_stderr")} for t, m in res["metrics"].items()}
     print(zero_shot_table(res["metrics"]))
 
@@ -134,14 +86,13 @@ def zero_shot_table(metrics: Dict) -> str:
     return "\n".join(lines)
 
 
-def speed_into(ctx: StageContext, info: Dict) -> None:
+def speed_into(rec: RunRecord, ctx: StageContext, info: Dict) -> None:
     """Prefill throughput on the run's device; with exact 2:4 weights on a capable GPU, also through the
-    2:4 sparse kernels (the model is converted in place: this runs last)."""
-    from compress.speed import prefill_throughput, semi_structured_available, to_semi_structured
-
+    2:4 sparse kernels (the model is converted in place: this runs last). Structurally pruned models are
+    measured against the dense model, interleaved."""
     e = ctx.cfg.eval
-    if ctx.artifacts.get("structured"):
-        return structured_speed_into(ctx, info)
+    if ctx.facts.structured:
+        return structured_speed_into(rec, ctx, info)
     res = prefill_throughput(ctx.model, e.speed_batch_size, e.speed_seqlen)
     out = {"tokens_per_s": res["tokens_per_s"], "ms_per_batch": res["ms_per_batch"], "kernels": "dense",
            "batch_size": e.speed_batch_size, "seqlen": e.speed_seqlen, "device": res["device"], "dtype": res["dtype"]}
@@ -152,23 +103,20 @@ def speed_into(ctx: StageContext, info: Dict) -> None:
             sp = prefill_throughput(ctx.model, e.speed_batch_size, e.speed_seqlen)
             out.update(sparse24_tokens_per_s=sp["tokens_per_s"], sparse24_linears=len(converted),
                        sparse24_speedup=sp["tokens_per_s"] / res["tokens_per_s"])
-    ctx.record.data["metrics"]["speed"] = out
+    rec.data["metrics"]["speed"] = out
     info.update(out)
 
 
-def structured_speed_into(ctx: StageContext, info: Dict) -> None:
+def structured_speed_into(rec: RunRecord, ctx: StageContext, info: Dict) -> None:
     """Dense and structurally pruned model measured interleaved in this process: prefill tokens/s at batch 1
     and ``eval.speed_batch_size`` (last-position logits), decode tokens/s (batch 1, KV cache, 128 tokens),
     with the analytic FLOP-ratio ceiling beside the measured prefill ratio."""
-    from compress.models import load_model
-    from compress.speed import serving_speed
-
     e = ctx.cfg.eval
     dense, _ = load_model(ctx.cfg.model, device=ctx.device)
     res = serving_speed({"dense": dense, "pruned": ctx.model}, batch_sizes=sorted({1, e.speed_batch_size}),
                         seqlen=e.speed_seqlen)
     del dense
-    ceiling = ctx.artifacts["structured"]["flop_ratio_ceiling"]  # the stage's, at the same eval.speed_seqlen
+    ceiling = ctx.facts.flop_ratio_ceiling  # the stage's, at the same eval.speed_seqlen
     pr = res["models"]["pruned"]
     b = e.speed_batch_size
     out = {"tokens_per_s": pr[f"prefill_b{b}_tokens_per_s"], "batch_size": b, "seqlen": e.speed_seqlen,
@@ -177,103 +125,45 @@ def structured_speed_into(ctx: StageContext, info: Dict) -> None:
            "speedup": pr["speedup"], "flop_ratio_ceiling": ceiling,
            "fraction_of_ceiling": {k: v / ceiling for k, v in pr["speedup"].items() if k.startswith("prefill")},
            "detail": res}
-    ctx.record.data["metrics"]["speed"] = out
+    rec.data["metrics"]["speed"] = out
     info.update({k: v for k, v in out.items() if k != "detail"})
     print("  speed (dense -> pruned, interleaved): " + ", ".join(f"{k} {v:.3f}x" for k, v in pr["speedup"].items())
           + f"; FLOP ceiling {ceiling:.3f}x")
 
 
-def final_evals(ctx: StageContext, save_to: Optional[Path] = None) -> None:
-    """Perplexity, then zero-shot tasks, then (optionally) saving, then speed (which may convert the model)."""
-    rec, cfg = ctx.record, ctx.cfg
-    with rec.stage("eval", "perplexity") as info:
-        info["ppl"] = evaluate_into(ctx)
-    if cfg.eval.zero_shot.tasks:
-        with rec.stage("zero_shot", "lm_eval") as info:
-            zero_shot_into(ctx, info)
-    if save_to is not None:
-        with rec.stage("save", "save_pretrained") as info:
-            info.update(save_model(ctx, save_to))
-    if cfg.eval.speed:
-        with rec.stage("speed", "prefill") as info:
-            speed_into(ctx, info)
-
-
-REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
-
-
-def save_model(ctx: StageContext, save_to: Path) -> Dict:
-    """Save the final model so that stock ``from_pretrained`` reloads it: RTN/GPTQ as compressed-tensors
-    pack-quantized (with the sparsity sidecar), everything else (dense, pruned, bitsandbytes) with
-    ``save_pretrained``; safetensors only."""
-    report = ctx.artifacts.get("quant_report")
-    if "bnb_saved" in ctx.artifacts:  # written by the quant stage, before any forward (see quant_stage)
-        return ctx.artifacts["bnb_saved"]
-    if report is not None and report.method in ("rtn", "gptq"):
-        from compress.calibration import resolve_targets, weight_matrix
-        from compress.quant.export import save_compressed_tensors, sparsity_sidecar
-        from compress.quant.grid import GridSpec
-
-        q = ctx.cfg.quant
-        spec = GridSpec(q.bits, q.symmetric, q.group_size)
-        flat = resolve_targets(ctx.model, q.targets, q.ignore)
-        weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
-        pattern = ctx.cfg.prune.pattern if ctx.cfg.prune.method != "none" else None
-        out = save_compressed_tensors(ctx.model, save_to, report.params, spec, ctx.tokenizer,
-                                      sidecar=sparsity_sidecar(weights, pattern))
-    else:
-        ctx.model.save_pretrained(save_to, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(save_to)
-        out = {"format": "safetensors" + (" (bitsandbytes)" if report is not None else ""), "path": str(save_to),
-               "bytes": sum(p.stat().st_size for p in Path(save_to).glob("*.safetensors"))}
-    from compress.calibration import resolve_targets
-    from compress.quant.export import weights_fingerprint
-
+def save_into(rec: RunRecord, ctx: StageContext, saver, save_to: Path, info: Dict) -> None:
+    """Save with the last stage's saver, fingerprint the weights, and verify the checkpoint by a stock reload
+    in a fresh process. A checkpoint that does not reload is moved aside and, where the stage offers one,
+    the working alternative is saved instead (recorded as such); else the run fails, naming the cause."""
+    out = saver.save(ctx.model, ctx.tokenizer, save_to)
     out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
-    if ctx.artifacts.get("structured"):
-        out["probe"] = save_probe_logits(ctx.model, Path(save_to).parent / "probe_logits.safetensors")
-    return out
-
-
-def save_probe_logits(model, path: Path, batch: int = 2, seqlen: int = 64, keep: int = 8) -> Dict:
-    """The in-memory model's logits on fixed random token ids (the last ``keep`` positions), saved beside the
-    model so that a reload can be compared logit by logit (``benchmarks/reload_check.py``)."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g)
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(dev), use_cache=False).logits[:, -keep:].float().cpu().contiguous()
-    save_file({"ids": ids, "logits": logits}, str(path))
-    return {"path": str(path), "ids": [batch, seqlen], "positions": keep}
-
-
-def check_group_size(cfg: Config) -> None:
-    """Before the model loads: a quant group size must divide the input width of every selected linear.
-    The widths come from the model built on the meta device from its config (no weights read)."""
-    q = cfg.quant
-    if q.method not in ("rtn", "gptq") or q.group_size == -1:
+    info.update(out)
+    rec.save()
+    if not ctx.cfg.output.verify_reload:
+        info["reload"] = {"verified": False, "why": "output.verify_reload=false"}
         return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from compress.calibration import resolve_targets, weight_matrix
-    from compress.config import ConfigError
-    from compress.models import model_path
-
-    mc = AutoConfig.from_pretrained(model_path(cfg.model), revision=cfg.model.revision,
-                                    trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
-    widths = {n: weight_matrix(m).shape[1] for n, m in resolve_targets(meta, q.targets, q.ignore).flat().items()}
-    bad = sorted({n.split(".", 1)[1]: w for n, w in widths.items() if w % q.group_size}.items())
-    if bad:
-        ok = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths.values())]
-        raise ConfigError(f"quant.group_size={q.group_size} does not divide the input width of "
-                          + ", ".join(f"{n} ({w})" for n, w in bad[:8])
-                          + f". Group sizes that divide every width: {ok or 'none'}; or -1 (per channel).")
+    loader = getattr(saver, "loader", None)
+    check = verify_saved(save_to, out["fingerprint"], loader=loader(ctx.model) if callable(loader) else loader)
+    info["reload"] = check
+    if check["ok"]:
+        return
+    failed = save_to.with_name(save_to.name + ".does-not-reload")
+    os.replace(save_to, failed)
+    fallback = getattr(saver, "fallback", None)
+    cause = check.get("error") or "the reloaded weights differ from the saved ones"
+    if fallback is None or ctx.cfg.output.save_fallback is False:
+        raise SaveError(f"the saved checkpoint ({saver.format}) does not reload with stock from_pretrained: {cause} "
+                        f"(moved to {failed})" + (f". The working alternative: output.save_fallback=true saves "
+                                                  f"{fallback.format}" if fallback is not None else ""))
+    print(f"compress: the {saver.format} checkpoint does not reload ({cause}); saving {fallback.format} instead "
+          f"(the failed one is in {failed})")
+    alt = fallback.save(ctx.model, ctx.tokenizer, save_to)
+    alt["fingerprint"] = out["fingerprint"]
+    check2 = verify_saved(save_to, out["fingerprint"])
+    info.clear()
+    info.update(alt, reload=check2, fallback_from={"format": saver.format, "error": cause, "moved_to": str(failed)})
+    if not check2["ok"]:
+        raise SaveError(f"neither {saver.format} nor {fallback.format} reloads: {check2.get('error')}")
 
 
 def config_hash(cfg_dict: Dict) -> str:
@@ -325,13 +215,23 @@ def _take_lock(path: Path) -> bool:
     return False
 
 
+def final_evals(rec: RunRecord, ctx: StageContext) -> None:
+    """Perplexity, then zero-shot tasks, then speed (which may convert the model)."""
+    cfg = ctx.cfg
+    with rec.stage("eval", "perplexity") as info:
+        info["ppl"] = evaluate_into(rec, ctx)
+    if cfg.eval.zero_shot.tasks:
+        with rec.stage("zero_shot", "lm_eval") as info:
+            zero_shot_into(rec, ctx, info)
+    if cfg.eval.speed:
+        with rec.stage("speed", "prefill") as info:
+            speed_into(rec, ctx, info)
+
+
 def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -> None:
     """In a sweep, evaluate the dense model once per model and eval protocol, into ``sweep_dir/dense-<hash>``."""
-    from compress.evaluate import flops_metrics, size_metrics
-    from compress.record import RunRecord, code_version
-
-    base_cfg = dataclasses.replace(ctx.cfg, prune=type(ctx.cfg.prune)(), train=type(ctx.cfg.train)(),
-                                   quant=type(ctx.cfg.quant)(), description="dense baseline of the sweep")
+    base_cfg = dataclasses.replace(ctx.cfg, prune=NoneConfig(), train=type(ctx.cfg.train)(), quant=NoneConfig(),
+                                   transform=NoneConfig(), description="dense baseline of the sweep")
     assert base_cfg.is_dense_baseline()
     base = dataclasses.asdict(base_cfg)
     chash = config_hash({"model": base["model"], "eval": base["eval"]})
@@ -347,13 +247,29 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
         # cell of a sweep evaluated the dense model again
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
                         code_version=code, description="dense baseline of the sweep")
-        rec.update_metrics(**size_metrics(ctx.model, ctx.cfg.prune.targets, ctx.cfg.prune.ignore),
+        rec.update_metrics(**size_metrics(ctx.model, _targets(ctx.cfg)[0], _targets(ctx.cfg)[1]),
                            **flops_metrics(ctx.model, ctx.cfg.eval.speed_seqlen))
-        sub = dataclasses.replace(ctx, cfg=base_cfg, record=rec, out_dir=d)
-        final_evals(sub)
+        sub = dataclasses.replace(ctx, cfg=base_cfg)
+        final_evals(rec, sub)
         rec.finish("ok")
     finally:
         os.unlink(d / ".lock")
+
+
+def _targets(cfg: Config):
+    """The linears ``metrics.sparsity`` is measured over: the prune method's selection (all by default)."""
+    return getattr(cfg.prune, "targets", (r".*",)), getattr(cfg.prune, "ignore", ())
+
+
+def prechecks(cfg: Config) -> None:
+    """Before any weight is read: each active stage checks the model built on the meta device from its
+    config (group sizes that must divide widths, roles structured pruning must recognise)."""
+    stages = [STAGES[cfg.slot_stage(s)] for s in cfg.stages if getattr(cfg, s).method != "none"]
+    stages = [s for s in stages if hasattr(s, "precheck")]
+    if stages:
+        meta = meta_model(cfg.model)
+        for s in stages:
+            s.precheck(cfg, meta)
 
 
 def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=None, model=None,
@@ -367,10 +283,6 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     Each stage runs with torch's process-global switches (TF32, cuDNN flags) restored afterwards, so
     that one cell of a one-process sweep cannot change the numerics of the next.
     """
-    from compress.evaluate import flops_metrics, size_metrics
-    from compress.models import load_model, resolve_device
-    from compress.record import RunRecord, code_version, scoped_torch_flags
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = _config_dict(cfg, resolved)
@@ -383,40 +295,58 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
                   f"{json.loads(done.read_text()).get('code_version')}): skipped")
             return json.loads(done.read_text())
     if model is None:
-        check_group_size(cfg)  # before any weight is read
-        from compress.structured.stage import check_structured
-
-        check_structured(cfg)
+        prechecks(cfg)  # before any weight is read
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
-    from omegaconf import OmegaConf
-
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
     rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description,
                     config_hash=chash, code_version=code)
+    targets, ignore = _targets(cfg)
     try:
         with rec.stage("load", cfg.model.name) as info:
             if model is None:
                 model, tokenizer = load_model(cfg.model, device=device)
             info["dtype"] = str(next(model.parameters()).dtype)
-        ctx = StageContext(cfg, model, tokenizer, device, rec, out_dir)
+        ctx = StageContext(cfg, model, tokenizer, device, out_dir)
 
         def sizes(m):  # the prune stage's selection; FLOPs at the speed measurement's length
-            return {**size_metrics(m, cfg.prune.targets, cfg.prune.ignore), **flops_metrics(m, cfg.eval.speed_seqlen)}
+            return {**size_metrics(m, targets, ignore), **flops_metrics(m, cfg.eval.speed_seqlen)}
 
         rec.update_metrics(**sizes(model))
         if sweep_dir is not None and not cfg.is_dense_baseline():
             with scoped_torch_flags():
                 _dense_baseline(ctx, Path(sweep_dir), recipe)
-        for name in cfg.stages:
-            method = getattr(cfg, name).method
+        saver = PretrainedSaver()
+        for slot in cfg.stages:
+            method = getattr(cfg, slot).method
             if method == "none":
                 continue
-            with rec.stage(name, method) as info, scoped_torch_flags():
-                STAGES[name](ctx, info)
+            stage = STAGES[cfg.slot_stage(slot)]()
+            with rec.stage(slot, method) as info, scoped_torch_flags():
+                if stage.name != slot:
+                    info["stage"] = stage.name
+                try:
+                    result = stage.run(ctx)
+                except ShortfallError as e:  # what it did is recorded before the stage fails
+                    if isinstance(e.result, StageResult):
+                        write_result(rec, info, e.result)
+                    raise
+                write_result(rec, info, result)
+            ctx.model, ctx.facts = result.model, result.apply(ctx.facts)
+            saver = result.saver or saver
             rec.update_metrics(**sizes(ctx.model))
+        save_failed = None
+        if cfg.output.save_model:
+            try:
+                with rec.stage("save", saver.format) as info:
+                    save_into(rec, ctx, saver, out_dir / "model", info)
+            except SaveError as e:  # recorded as failed; the evaluation still runs, then the run fails
+                save_failed = e
         with scoped_torch_flags():
-            final_evals(ctx, save_to=out_dir / "model" if cfg.output.save_model else None)
+            final_evals(rec, ctx)
+        if save_failed is not None:
+            rec.finish("failed")
+            raise save_failed
         rec.finish("ok")
     finally:
         if print_summary:
@@ -453,6 +383,12 @@ def summary_table(data: Dict) -> str:
                  if sp.get("sparse24_tokens_per_s") else "")
         lines.append(f"  prefill speed = {sp['tokens_per_s']:,.0f} tokens/s on {sp['device']} "
                      f"({sp['batch_size']} x {sp['seqlen']}, dense kernels){extra}")
+    save = next((s for s in data.get("stages", []) if s["name"] == "save"), None)
+    if save and save.get("reload"):
+        r = save["reload"]
+        lines.append(f"  saved: {save.get('format')} in {save.get('path')}; stock reload "
+                     + ("verified (weights equal)" if r.get("ok") else
+                        "not verified" if r.get("verified") is False else f"FAILED: {r.get('error')}"))
     lines.append(f"  {'stage':<8} {'method':<24} {'status':<7} {'seconds':>9} {'peak MiB':>10}")
     for s in data.get("stages", []):
         lines.append(f"  {s['name']:<8} {str(s.get('method', ''))[:24]:<24} {s.get('status', ''):<7} "

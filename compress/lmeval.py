@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from compress.core.runtime import cache_dir
+
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval_tasks"
 LOCAL_TASKS = ("compress_tiny_mc",)
 INSTALL_HINT = 'pip install "lm-eval>=0.4.9"   (or: pip install "compress[lmeval]")'
@@ -33,8 +35,6 @@ def lm_eval_version() -> Optional[str]:
 def _task_dir() -> Path:
     """The shipped local tasks, with their data path made absolute (lm-eval resolves relative data
     paths against the working directory), in a per-user cache directory."""
-    from compress.models import cache_dir
-
     out = cache_dir() / "lm_eval_tasks"
     out.mkdir(parents=True, exist_ok=True)
     for yaml_path in TASK_DIR.glob("*.yaml"):

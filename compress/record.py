@@ -1,8 +1,10 @@
-"""The run record: ``results.json``, written atomically after every stage.
+"""The run record: ``results.json``, written atomically after every stage, and what identifies the
+machine and the code that produced it.
 
 A stage that fails is recorded as failed (with its error) and everything measured before it stays on
 disk. Peak memory per stage is the process's peak RSS on CPU (reset through ``/proc/self/clear_refs``
-where Linux allows it) and ``torch.cuda.max_memory_allocated`` on GPU.
+where Linux allows it) and ``torch.cuda.max_memory_allocated`` on GPU. Only :mod:`compress.experiment`
+writes a run's record.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from compress import __version__
+from compress.core.memory import PeakMemory, proc_kb
 
 
 def atomic_write_json(path, data: Dict[str, Any]) -> None:
@@ -42,115 +47,6 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     return str(o)
-
-
-def proc_kb(path: str, key: str) -> Optional[int]:
-    """The ``key: <n> kB`` value of a /proc file (``/proc/self/status``, ``/proc/meminfo``), or None."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _rss_peak_mb() -> float:
-    """Peak resident set size since the last reset (VmHWM), in MiB."""
-    kb = proc_kb("/proc/self/status", "VmHWM")
-    if kb is not None:
-        return kb / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class HeapPeak:
-    """Peak bytes in use by the C allocator (glibc ``mallinfo2``: arena bytes in use + mmapped chunks),
-    sampled from a thread every ``interval`` seconds: on CPU, the analogue of
-    ``torch.cuda.max_memory_allocated``. Memory freed but kept by the allocator, which RSS counts, does
-    not count here. glibc reports the main arena only: run with ``MALLOC_ARENA_MAX=1`` so that every
-    thread allocates there. ``peak_mb`` is None where ``mallinfo2`` is missing (not glibc >= 2.33)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.peak_mb: Optional[float] = None
-        self._fn = None
-        try:
-            import ctypes
-
-            class _MallInfo2(ctypes.Structure):
-                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                             "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-            fn = ctypes.CDLL("libc.so.6").mallinfo2
-            fn.restype = _MallInfo2
-            self._fn = fn
-        except (OSError, AttributeError):
-            pass
-
-    def _in_use(self) -> int:
-        m = self._fn()
-        return m.uordblks + m.hblkhd
-
-    def _run(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._in_use())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        if self._fn is not None:
-            import threading
-
-            self._peak = self._in_use()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._fn is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self._peak, self._in_use()) / 2**20
-        return False
-
-
-class PeakMemory:
-    """Measures peak memory over a region: CUDA allocator peak on GPU, process RSS peak on CPU."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = str(device)
-        self.peak_mb: Optional[float] = None
-        self.kind = "cuda_max_memory_allocated" if self.device.startswith("cuda") else "process_peak_rss"
-
-    def __enter__(self):
-        if self.kind.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.reset_ok = _reset_rss_peak()
-        return self
-
-    def __exit__(self, *exc):
-        if self.kind.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.peak_mb = _rss_peak_mb()
-        return False
 
 
 _PACKAGE_COMMIT: dict = {}  # the package checkout's commit, read once per process
@@ -182,37 +78,8 @@ def git_commit(cwd=None) -> Optional[str]:
 def code_version() -> str:
     """``<package version>+<git commit>`` (``-dirty`` with uncommitted changes), or the package version
     alone outside a git checkout: what a sweep compares before reusing a finished cell."""
-    from compress import __version__
-
     commit = git_commit()
     return f"{__version__}+{commit[:12]}{'-dirty' if commit.endswith('-dirty') else ''}" if commit else __version__
-
-
-@contextlib.contextmanager
-def scoped_torch_flags():
-    """Restore torch's process-global numeric switches on exit (TF32 for matmul and cuDNN, the float32
-    matmul precision, cuDNN benchmark/deterministic, deterministic algorithms, the 2:4 kernel backend),
-    so that a stage that changes one (e.g. the trainer turns TF32 on) cannot change the next one's numerics."""
-    import torch
-
-    b = torch.backends
-    saved = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, torch.get_float32_matmul_precision(), b.cudnn.benchmark,
-             b.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())
-    try:
-        from torch.sparse import SparseSemiStructuredTensor
-        cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS
-    except (ImportError, AttributeError):
-        SparseSemiStructuredTensor, cutlass = None, None
-    try:
-        yield
-    finally:
-        (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, precision, b.cudnn.benchmark, b.cudnn.deterministic,
-         det, warn) = saved
-        torch.set_float32_matmul_precision(precision)
-        torch.use_deterministic_algorithms(det, warn_only=warn)
-        if SparseSemiStructuredTensor is not None:
-            SparseSemiStructuredTensor._FORCE_CUTLASS = cutlass
 
 
 def environment(device: str, seed: int) -> Dict[str, Any]:
@@ -237,10 +104,33 @@ def environment(device: str, seed: int) -> Dict[str, Any]:
             env[pkg] = __import__(pkg).__version__
         except Exception:  # optional at run time
             pass
-    from compress import __version__
-
     env["compress"] = __version__
     return env
+
+
+def machine_info() -> Dict[str, Any]:
+    """The machine in words, for benchmark records: CPU model and cores, memory, GPU, and the versions."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = proc_kb("/proc/meminfo", "MemTotal")
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": round(mem / 2**20, 1) if mem else None, "python": platform.python_version(),
+            "torch": torch.__version__, "compress": __version__, "git_commit": git_commit()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 class RunRecord:
@@ -252,7 +142,7 @@ class RunRecord:
         self.device = str(device)
         self.data: Dict[str, Any] = {
             "status": "running",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": datetime.now().astimezone().isoformat(timespec="microseconds"),
             **extra,
             "config": config,
             "metrics": {},
@@ -301,5 +191,5 @@ class RunRecord:
     def finish(self, status: str = "ok") -> None:
         if self.data["status"] != "failed":
             self.data["status"] = status
-        self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.data["finished"] = datetime.now().astimezone().isoformat(timespec="microseconds")
         self.save()

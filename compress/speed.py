@@ -21,7 +21,18 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from compress.pruning.masks import check_nm
+from compress.core.masks import check_nm
+
+
+@torch.no_grad()
+def dense_forward_seconds(model: nn.Module, ids: torch.Tensor, batch_size: int = 1) -> float:
+    """The yardstick every time is divided by: one forward of the model over ``ids`` (e.g. the calibration
+    tokens), in batches of ``batch_size``, no KV cache."""
+    dev = next(model.parameters()).device
+    t = time.perf_counter()
+    for i in range(0, ids.shape[0], batch_size):
+        model(input_ids=ids[i:i + batch_size].to(dev), use_cache=False)
+    return time.perf_counter() - t
 
 
 def semi_structured_available(device=None) -> bool:

@@ -28,25 +28,25 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from compress.config import TrainConfig
+from compress.calibration.targets import resolve_targets
+from compress.core.masks import check_nm
+from compress.core.modules import weight_matrix
+from compress.core.runtime import scoped_torch_flags, seed_everything
+from compress.schema import TrainConfig
 
 
 # ---------------------------------------------------------------- masks
 def _block_linears(model: nn.Module) -> Dict[str, nn.Module]:
     """Every linear-like module of the decoder blocks, named ``"<block>.<name>"`` (the one resolver)."""
-    from compress.calibration import resolve_targets
-
     return resolve_targets(model).flat()
 
 
@@ -64,9 +64,6 @@ def record_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def check_masks(model: nn.Module, masks: Dict[str, torch.Tensor], nm=None) -> Dict:
     """Every pruned weight still zero, and any N:M pattern intact."""
-    from compress.calibration import weight_matrix
-    from compress.pruning.masks import check_nm
-
     lin = _block_linears(model)
     bad, nm_bad = [], []
     for name, keep in masks.items():
@@ -126,8 +123,6 @@ def apply_lora(model: nn.Module, cfg: TrainConfig):
     whatever the family calls them; ``Conv1D`` included)."""
     from peft import LoraConfig, get_peft_model
 
-    from compress.calibration import resolve_targets
-
     targets = resolve_targets(model, cfg.lora_targets)
     if len(targets) == 0:
         raise ValueError(f"train.lora_targets={list(cfg.lora_targets)} selects no linear of {type(model).__name__}; "
@@ -156,12 +151,6 @@ def quantize_base_for_qlora(model: nn.Module, cfg: TrainConfig, device: str):
     return prepare_model_for_kbit_training(qm, use_gradient_checkpointing=cfg.activation_checkpointing)
 
 
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ---------------------------------------------------------------- the loop
 class Trainer:
     """One trainer for every training need. ``fit()`` returns the (merged, plain) model."""
@@ -177,7 +166,7 @@ class Trainer:
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
         self.acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
                                cpu=device == "cpu")
-        set_seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.masks = masks if masks is not None else record_masks(model)
         self.teacher = teacher
         self.eval_fn = eval_fn
@@ -278,8 +267,6 @@ class Trainer:
 
     def fit(self, resume: Optional[str] = None, stop_after: Optional[int] = None):
         """Train (TF32 on for CUDA matmuls during training only: the global switches are restored after)."""
-        from compress.record import scoped_torch_flags
-
         with scoped_torch_flags():
             if self.acc.device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -375,46 +362,3 @@ class Trainer:
         if self.cfg.activation_checkpointing and hasattr(model, "activation_checkpointing_disable"):
             model.activation_checkpointing_disable()
         return model
-
-
-def train_stage(ctx, info: Dict):
-    """The ``train`` stage of an experiment."""
-    from compress.config import dataset_key, parse_pattern
-    from compress.data import packed_sequences
-    from compress.evaluate import perplexity
-
-    cfg: TrainConfig = ctx.cfg.train
-    model = ctx.model
-    masks = record_masks(model)
-    ids, data_info = packed_sequences(ctx.tokenizer, cfg.source, cfg.seqlen)
-    teacher = None
-    if cfg.distill:
-        from compress.models import load_model
-
-        teacher, _ = load_model(ctx.cfg.model, device=ctx.device)
-    e = ctx.cfg.eval
-
-    def eval_fn(m):
-        return perplexity(m, ctx.tokenizer, e.datasets[0], e.seqlen, e.max_windows, e.batch_size, e.add_bos,
-                          progress=False)["ppl"]
-
-    if cfg.eval_before:
-        before = eval_fn(model)
-        info["ppl_before_train"] = before
-        ctx.record.data["metrics"]["ppl_before_train"] = {dataset_key(e.datasets[0]): before}
-        ctx.record.save()
-    trainer = Trainer(model, cfg, ids, out_dir=ctx.out_dir, teacher=teacher, eval_fn=eval_fn, masks=masks,
-                      device=ctx.device)
-    model = trainer.fit(resume=cfg.resume)
-    nm = parse_pattern(ctx.cfg.prune.pattern) if ctx.cfg.prune.method != "none" else None
-    check = check_masks(model, masks, nm) if cfg.method != "qlora" else {"masked_modules": len(masks),
-                                                                          "note": "qlora adapters not merged"}
-    info.update({"steps": trainer.step, "final_loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None),
-                 "tokens": trainer.step * cfg.grad_accum * cfg.micro_batch_size * cfg.seqlen, "data": data_info,
-                 "sparsity_check": check})
-    ctx.record.data["train_history"] = trainer.history
-    ctx.record.data["sparsity_check"] = check
-    ctx.record.save()
-    if check.get("pruned_weights_still_zero") is False or check.get("nm_exact") is False:
-        raise RuntimeError(f"sparsity broken by training: {check}")
-    return model

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from compress.calibration import block_outputs, capture_block_inputs, find_blocks, run_sequential
+from compress.calibration.blocks import block_outputs, capture_block_inputs, find_blocks
+from compress.calibration.runner import run_sequential
 
 from .conftest import ALL_FAMILIES, FAMILIES, PER_LAYER
 
@@ -38,15 +39,31 @@ def test_capture_records_kwargs(tiny_model, calib_ids):
 
 
 def test_run_sequential_visits_every_block_once_offloaded(tiny_model, calib_ids):
+    """With offload, each block is moved to the compute device just before it is processed and back to the
+    CPU right after, in order, and no other block moves meanwhile (the moves are recorded: on a CPU-only
+    machine every device is the CPU, so the devices alone would prove nothing)."""
     model = tiny_model("qwen2")
-    seen = []
+    _, blocks = find_blocks(model)
+    moves, seen = [], []
+    for i, b in enumerate(blocks):
+        orig = b.to
+
+        def to(*args, _i=i, _orig=orig, **kw):
+            moves.append((_i, str(args[0] if args else kw.get("device"))))
+            return _orig(*args, **kw)
+
+        b.to = to
 
     def process(i, block, inputs, dense):
-        assert next(block.parameters()).device.type == "cpu"
         seen.append(i)
+        assert moves[-1] == (i, "cpu")  # just onloaded to the compute device (the CPU here)
+        moves.append(("processed", i))
 
-    run_sequential(model, calib_ids, process, batch_size=4, offload=True, progress=False)
+    run_sequential(model, calib_ids, process, batch_size=4, device="cpu", offload=True, progress=False)
     assert seen == [0, 1]
+    # the walk (after the capture's one-probe forward, which onloads each block in turn too)
+    assert moves[-6:] == [(0, "cpu"), ("processed", 0), (0, "cpu"), (1, "cpu"), ("processed", 1), (1, "cpu")]
+    assert moves[:4] == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]
 
 
 def _rel(a, b):
@@ -105,7 +122,7 @@ def test_block_arguments_computed_from_earlier_blocks_are_refused(calib_ids):
     arguments recorded once: it is refused by name instead of calibrated on wrong activations."""
     from types import SimpleNamespace
 
-    from compress.errors import UnsupportedModelError
+    from compress.core.errors import UnsupportedModelError
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -130,3 +147,48 @@ def test_block_arguments_computed_from_earlier_blocks_are_refused(calib_ids):
 
     with pytest.raises(UnsupportedModelError, match="depend on what earlier blocks compute"):
         capture_block_inputs(Toy(), calib_ids, batch_size=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_mha", "gemma3", "phi3", "cohere2", "opt", "qwen2"])
+def test_coupled_groups_fold_leaves_the_model_unchanged(tiny_model, calib_ids, family):
+    """The coupled-module map from the roles (norm -> q/k/v, v -> o without GQA, norm -> gate/up, up -> down):
+    found by tracing, never by family; folding random positive scales into every group of every block leaves
+    the float model's logits unchanged (1e-5 relative, fp32). Gemma's norms (x * (1 + w)) are probed as such;
+    Cohere's one norm feeding attention and MLP makes one group."""
+    import transformers as T
+
+    from compress.calibration.roles import block_structure, coupled_groups
+
+    if family == "llama_mha":
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(T.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                                 num_attention_heads=4, num_key_value_heads=4,
+                                                                 intermediate_size=128)).eval()
+    else:
+        model = tiny_model(family)
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms (random weights), so that a wrong fold shows
+            if p.dim() == 1:
+                p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+        ref = model(input_ids=calib_ids[:2]).logits
+    st = block_structure(model)
+    _, blocks = find_blocks(model)
+    cap = capture_block_inputs(model, calib_ids[:1])
+    names = []
+    g = torch.Generator().manual_seed(1)
+    for b, block in zip(st.blocks, blocks):
+        groups = coupled_groups(block, b, cap.block(b.index))
+        names.append(sorted(c.name for c in groups))
+        for c in groups:
+            c.fold(torch.rand(c.width, generator=g) * 2 + 0.25)
+    with torch.no_grad():
+        out = model(input_ids=calib_ids[:2]).logits
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    expected = {"llama": ["attn_in", "mlp_in", "mlp_out"], "llama_mha": ["attn_in", "attn_out", "mlp_in", "mlp_out"],
+                "gemma3": ["attn_in", "mlp_in", "mlp_out"], "phi3": ["attn_in", "mlp_in", "mlp_out"],
+                "cohere2": ["attn_in+mlp_in", "mlp_out"], "opt": ["attn_in", "attn_out", "mlp_in"],
+                "qwen2": ["attn_in", "mlp_in", "mlp_out"]}[family]
+    assert names[0] == expected
+    if family == "gemma3":  # the MLP's norm is pre_feedforward_layernorm, found by the trace, with offset 1
+        mlp = next(c for c in coupled_groups(blocks[0], st.blocks[0], cap.block(0)) if c.name == "mlp_in")
+        assert mlp.producer_name == "pre_feedforward_layernorm" and mlp.norm_offset == 1.0

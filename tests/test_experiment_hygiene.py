@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from compress import experiment
-from compress.config import CalibConfig, Config, EvalConfig, OutputConfig, PruneConfig
+from compress.calibration.targets import resolve_targets
+from compress.config import Config, prune_config
+from compress.core.errors import ConfigError
+from compress.schema import CalibConfig, EvalConfig, OutputConfig
 
 from .conftest import _tiny, byte_tokenizer
 
 
 def _cfg(**kw):
-    base = dict(prune=PruneConfig(method="wanda", sparsity=0.5), calib=CalibConfig(nsamples=4, seqlen=32),
+    base = dict(prune=prune_config(method="wanda", sparsity=0.5), calib=CalibConfig(nsamples=4, seqlen=32),
                 eval=EvalConfig(seqlen=32, max_windows=2))
     base.update(kw)
     return Config(**base)
@@ -38,7 +41,7 @@ def test_a_cell_finished_by_other_code_is_rerun_unless_reuse_is_asked(tmp_path, 
     (out / "results.json").write_text(json.dumps(data))
     rerun = _run(_cfg(), out)
     assert "running it again" in capsys.readouterr().out
-    assert rerun["code_version"] == first["code_version"] and rerun["started"] != "0.0.1+0123456789ab"
+    assert rerun["code_version"] == first["code_version"] and rerun["started"] != first["started"]  # a new run
     assert json.loads((out / "results.json").read_text())["code_version"] == first["code_version"]
     # ... and reused with the opt-in, which is not part of the cell's identity
     data = json.loads((out / "results.json").read_text())
@@ -62,23 +65,33 @@ def test_compare_says_which_code_produced_each_row(tmp_path):
 def test_global_torch_switches_do_not_leak_out_of_a_stage(tmp_path, monkeypatch):
     """A stage that turns TF32 on and lowers the matmul precision (as the trainer does on CUDA) leaves them
     as they were for the next stage and the evaluation."""
+    from compress.config import quant_config
+    from compress.stages import StageResult
+
     before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
     seen = {}
 
-    def flips(ctx, info):
-        torch.backends.cuda.matmul.allow_tf32 = not before[0]
-        torch.set_float32_matmul_precision("medium" if before[1] != "medium" else "high")
+    class Flips:
+        name = "train"
 
-    def looks(ctx, info):
-        seen["next"] = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+        def run(self, ctx):
+            torch.backends.cuda.matmul.allow_tf32 = not before[0]
+            torch.set_float32_matmul_precision("medium" if before[1] != "medium" else "high")
+            return StageResult(ctx.model)
 
-    monkeypatch.setitem(experiment.STAGES, "train", flips)
-    monkeypatch.setitem(experiment.STAGES, "quant", looks)
-    cfg = _cfg()
-    cfg.train.method = "full"  # bypasses validation on purpose: only the stage functions are faked
-    cfg.quant.method = "fake"
+    class Looks:
+        name = "quant"
+
+        def run(self, ctx):
+            seen["next"] = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+            return StageResult(ctx.model)
+
+    monkeypatch.setitem(experiment.STAGES, "train", Flips)
+    monkeypatch.setitem(experiment.STAGES, "quant", Looks)
+    cfg = _cfg(quant=quant_config("rtn"))
+    cfg.train.method = "full"  # only the stage classes are faked
     data = _run(cfg, tmp_path)
-    assert data["status"] == "ok"
+    assert data["status"] == "ok" and [s["name"] for s in data["stages"]][1:4] == ["prune", "train", "quant"]
     assert seen["next"] == before
     assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
 
@@ -87,22 +100,18 @@ def test_local_eval_file_metric_key_is_its_stem(tmp_path):
     corpus = tmp_path / "data" / "my_corpus.txt"
     corpus.parent.mkdir()
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    data = _run(_cfg(prune=PruneConfig(), eval=EvalConfig(datasets=["wikitext2", str(corpus)], seqlen=32,
+    data = _run(_cfg(prune=prune_config(), eval=EvalConfig(datasets=["wikitext2", str(corpus)], seqlen=32,
                                                            max_windows=2)), tmp_path / "run")
     assert set(data["metrics"]["ppl"]) == {"wikitext2", "my_corpus"}
     assert data["protocol"]["my_corpus"]["source"] == str(corpus)
 
 
 def test_two_eval_files_with_one_stem_are_refused():
-    from compress.config import ConfigError
-
     with pytest.raises(ConfigError, match="metric key"):
         EvalConfig(datasets=["/a/x.txt", "/b/x.jsonl"])
 
 
 def _masks(model):
-    from compress.calibration import resolve_targets
-
     return {n: (m.weight == 0).clone() for n, m in resolve_targets(model).flat().items()}
 
 
@@ -112,7 +121,7 @@ def test_seeded_path_end_to_end_is_deterministic(tmp_path):
     masks = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         model = _tiny("llama", seed=3, vocab=260)
-        cfg = _cfg(prune=PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32),
+        cfg = _cfg(prune=prune_config(method="sparsegpt", sparsity=0.5, blocksize=32),
                    calib=CalibConfig(nsamples=4, seqlen=32, seed=seed))
         data = experiment.run_experiment(cfg, tmp_path / name, model=model, tokenizer=byte_tokenizer(),
                                          print_summary=False)

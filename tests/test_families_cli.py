@@ -8,7 +8,7 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from compress.calibration import resolve_targets
+from compress.calibration.targets import resolve_targets
 
 from .conftest import ALL_FAMILIES, save_tiny
 

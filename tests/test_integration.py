@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
-from compress.config import CalibConfig, PruneConfig
+from compress.config import CalibConfig, prune_config
 from compress.evaluate import perplexity, size_metrics
-from compress.calibration import block_targets
-from compress.pruning import check_nm, prune_model
+from compress.calibration.targets import block_targets
+from compress.core.masks import check_nm
+from compress.stages.prune import prune_model
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def test_wanda_2of4_on_real_model(tmp_path):
     from compress.models import load_model
 
     model, tok = load_model(ModelConfig(device="cpu"))
-    r = prune_model(model, tok, PruneConfig(method="wanda", pattern="2:4", sequential=True),
+    r = prune_model(model, tok, prune_config(method="wanda", pattern="2:4", sequential=True),
                     CalibConfig(nsamples=4, seqlen=256), progress=False)
     assert r.summary()["nm_exact"] and r.achieved() == pytest.approx(0.5, abs=1e-4)
     assert len(r.modules) == 30 * 7

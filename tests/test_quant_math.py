@@ -4,11 +4,11 @@ the joint mode, the damping. Pure functions, no model."""
 import pytest
 import torch
 
-from compress.calibration.linalg import damped_inverse_cholesky
+from compress.core.linalg import damped_inverse_cholesky
 from compress.calibration.obs import obs_compress
-from compress.pruning.masks import check_nm
-from compress.quant.grid import GridSpec, dequantize, expand, fit_groups, qrange, quantize, rtn
-from compress.quant.methods import gptq_quantize
+from compress.core.masks import check_nm
+from compress.core.grid import GridSpec, dequantize, expand, fit_groups, qrange, quantize, rtn
+from compress.quant.gptq import gptq_quantize
 
 
 def _data(rows=48, cols=128, tokens=2048, seed=0):
@@ -94,7 +94,7 @@ def test_gptq_output_error_below_rtn(symmetric, group, act_order):
 
 def test_gptq_keeps_a_pruned_models_zeros_and_nm():
     """GPTQ after pruning (two passes): the zeros and the 2:4 pattern hold in 100% of groups."""
-    from compress.pruning import sparsegpt_prune
+    from compress.pruning.sparsegpt import sparsegpt_prune
 
     x, w = _data()
     H = x.t() @ x
@@ -122,7 +122,7 @@ def test_joint_one_pass_prunes_and_quantizes_in_one_loop(nm, act_order):
     assert zeros == pytest.approx(0.5, abs=0.01)
     if nm:
         assert check_nm(joint.weight, *nm)
-    from compress.pruning import sparsegpt_prune
+    from compress.pruning.sparsegpt import sparsegpt_prune
 
     pruned = sparsegpt_prune(w, H, 0.0 if nm else 0.5, nm, blocksize=32)
     naive = rtn(pruned, spec, pruned != 0)[0]
@@ -130,7 +130,7 @@ def test_joint_one_pass_prunes_and_quantizes_in_one_loop(nm, act_order):
 
 
 def test_obs_without_a_quantizer_is_sparsegpt():
-    from compress.pruning import sparsegpt_prune
+    from compress.pruning.sparsegpt import sparsegpt_prune
 
     x, w = _data()
     H = x.t() @ x
@@ -157,7 +157,7 @@ def test_a_hessian_that_is_not_positive_definite_raises_the_damping():
 
 
 def test_a_hopeless_hessian_fails_loudly():
-    from compress.calibration.linalg import NotPositiveDefinite
+    from compress.core.linalg import NotPositiveDefinite
 
     H = -torch.eye(16) * 1e6
     H[0, 0] = 1.0

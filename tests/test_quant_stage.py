@@ -9,10 +9,14 @@ import sys
 import pytest
 import torch
 
-from compress.calibration import resolve_targets, weight_matrix
-from compress.config import CalibConfig, Config, ConfigError, EvalConfig, PruneConfig, QuantConfig, TrainConfig
-from compress.pruning import check_nm, prune_model
-from compress.quant.engine import quantize_model
+from compress.calibration.targets import resolve_targets
+from compress.core.modules import weight_matrix
+from compress.config import Config, prune_config, quant_config
+from compress.core.errors import ConfigError
+from compress.schema import CalibConfig, EvalConfig, TrainConfig
+from compress.core.masks import check_nm
+from compress.stages.prune import prune_model
+from compress.stages.quant import quantize_model
 
 from .conftest import _tiny, byte_tokenizer, save_tiny
 
@@ -33,7 +37,8 @@ def _logits(model, ids):
 def test_every_selected_linear_is_on_its_grid(tiny_model, family, method, act_order):
     model = tiny_model(family)
     ref = _logits(model, _ids(2))
-    model, rep = quantize_model(model, None, QuantConfig(method=method, bits=4, group_size=32, act_order=act_order),
+    extra = {"act_order": act_order} if method == "gptq" else {}  # a key RTN does not have
+    model, rep = quantize_model(model, None, quant_config(method=method, bits=4, group_size=32, **extra),
                                 calib_ids=_ids(), progress=False)
     if method == "gptq":  # the output error of each module, measured against the weights before the stage
         assert all(m["rel_error"] > 0 for m in rep.modules)
@@ -57,7 +62,7 @@ def test_gptq_beats_rtn_on_a_tiny_model(tiny_model):
     for method in ("rtn", "gptq"):
         model = tiny_model("llama", seed=3)
         ref = _logits(model, ids)
-        model, _ = quantize_model(model, None, QuantConfig(method=method, bits=3, group_size=32), calib_ids=ids,
+        model, _ = quantize_model(model, None, quant_config(method=method, bits=3, group_size=32), calib_ids=ids,
                                   progress=False)
         out[method] = float((_logits(model, ids) - ref).norm() / ref.norm())
     assert out["gptq"] < out["rtn"]
@@ -68,18 +73,18 @@ def test_zeros_and_nm_survive_quantization(tiny_model, method):
     """SparseGPT 2:4, then each quantizer: every pruned weight still exactly zero and every group of 4 with at
     most 2 non-zeros, in the quantized weights (dequantized for bitsandbytes); the stage's own check agrees."""
     model = tiny_model("llama")
-    prune_model(model, None, PruneConfig(method="sparsegpt", pattern="2:4", blocksize=32), calib_ids=_ids(),
+    prune_model(model, None, prune_config(method="sparsegpt", pattern="2:4", blocksize=32), calib_ids=_ids(),
                 progress=False)
     zeros = {n: weight_matrix(m) == 0 for n, m in resolve_targets(model).flat().items()}
-    cfg = (QuantConfig(method="bnb", bits=int(method[3])) if method.startswith("bnb")
-           else QuantConfig(method=method, bits=4, group_size=32, symmetric=False))
-    model, rep = quantize_model(model, None, cfg, calib_ids=_ids(), pattern="2:4", progress=False)
+    cfg = (quant_config(method="bnb", bits=int(method[3])) if method.startswith("bnb")
+           else quant_config(method=method, bits=4, group_size=32, symmetric=False))
+    model, rep = quantize_model(model, None, cfg, calib_ids=_ids(), nm=(2, 4), progress=False)
     assert rep.check["ok"] and rep.check["nm_exact"] and rep.check["modules_with_zeros"] == len(zeros)
     if method.startswith("bnb"):
-        from compress.quant.bnb import dequantized_weight
+        from compress.core.modules import dense_weight
 
         names = resolve_targets(_tiny("llama")).qualified_names()
-        weights = dict(zip(zeros, (dequantized_weight(model.get_submodule(n)) for n in names)))
+        weights = dict(zip(zeros, (dense_weight(model.get_submodule(n)) for n in names)))
     else:
         weights = {n: weight_matrix(m) for n, m in resolve_targets(model).flat().items()}
     for n, z in zeros.items():
@@ -94,7 +99,7 @@ def test_bnb_forward_matches_fp32(tiny_model, bits, tol):
     model = tiny_model("llama", seed=2)
     ids = _ids(2)
     ref = _logits(model, ids)
-    q, rep = quantize_model(model, None, QuantConfig(method="bnb", bits=bits), progress=False)
+    q, rep = quantize_model(model, None, quant_config(method="bnb", bits=bits), progress=False)
     kinds = {type(m) for m in q.modules() if isinstance(m, torch.nn.Linear)}
     assert (bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit) in kinds
     assert type(q.lm_head) is torch.nn.Linear  # only the selected (block) linears
@@ -104,35 +109,38 @@ def test_bnb_forward_matches_fp32(tiny_model, bits, tol):
 
 RELOAD = r"""
 import json, sys, torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 d, ids = sys.argv[1], json.loads(sys.argv[2])
 m = AutoModelForCausalLM.from_pretrained(d)
 with torch.no_grad():
     logits = m(torch.tensor(ids), use_cache=False).logits.float()
-torch.save({"logits": logits, "weights": {n: p.detach().float() for n, p in m.named_parameters() if "layers" in n}},
-           sys.argv[3])
+out = {"logits": logits.contiguous()}
+out.update({"w:" + n: p.detach().float().contiguous() for n, p in m.named_parameters() if "layers" in n})
+save_file(out, sys.argv[3])
 assert not any(k == "compress" or k.startswith("compress.") for k in sys.modules), "compress was imported"
 """
 
 
 def _reload(d, ids, tmp_path):
-    out = tmp_path / "reloaded.pt"
+    """Stock from_pretrained in a process that never imports compress: logits and block weights (safetensors)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "reloaded.safetensors"
     p = subprocess.run([sys.executable, "-c", RELOAD, str(d), json.dumps(ids.tolist()), str(out)], capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    return torch.load(out)
+    got = load_file(out)
+    return {"logits": got["logits"], "weights": {k[2:]: v for k, v in got.items() if k.startswith("w:")}}
 
 
 def _reload_check(run):
-    """benchmarks/reload_check.py: a process that imports only torch and transformers reloads the saved
+    """``compress reload-check RUN``: a process that imports only torch and transformers reloads the saved
     model and recomputes the weights' fingerprint, the zero counts and the run's perplexity."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "benchmarks" / "reload_check.py"), str(run)], capture_output=True,
-                       text=True, timeout=600, cwd=run)
-    assert p.returncode in (0, 1) and p.stdout.strip(), p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    p = subprocess.run([sys.executable, "-m", "compress", "reload-check", str(run)], capture_output=True, text=True,
+                       timeout=600, cwd=run)
+    assert p.returncode in (0, 1), p.stderr[-3000:]
+    return json.loads((run / "reload_check.json").read_text())
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -144,12 +152,13 @@ def test_compressed_tensors_save_and_stock_reload(tmp_path, symmetric, bits):
     from compress import experiment
 
     model = _tiny("llama", vocab=260)
-    cfg = Config(prune=PruneConfig(method="sparsegpt", sparsity=0.5, blocksize=32),
-                 quant=QuantConfig(method="gptq", bits=bits, group_size=32, symmetric=symmetric),
+    cfg = Config(prune=prune_config(method="sparsegpt", sparsity=0.5, blocksize=32),
+                 quant=quant_config(method="gptq", bits=bits, group_size=32, symmetric=symmetric, blocksize=32),
                  calib=CalibConfig(nsamples=4, seqlen=32), eval=EvalConfig(seqlen=32, max_windows=2))
     cfg.output.save_model = True
     data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
-    assert data["status"] == "ok" and [s["name"] for s in data["stages"]][:3] == ["load", "prune", "quant"]
+    assert data["status"] == "ok" and [s["name"] for s in data["stages"]][:4] == ["load", "prune", "quant", "save"]
+    assert data["stages"][3]["reload"]["ok"] and data["stages"][3]["reload"]["weights_equal"]  # verified at save
     d = tmp_path / "run" / "model"
     assert json.loads((d / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     assert not [p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
@@ -171,7 +180,7 @@ def test_bnb_save_and_stock_reload(tmp_path, bits):
     from compress import experiment
 
     model = _tiny("llama", vocab=260)
-    cfg = Config(quant=QuantConfig(method="bnb", bits=bits), eval=EvalConfig(seqlen=32, max_windows=2))
+    cfg = Config(quant=quant_config(method="bnb", bits=bits), eval=EvalConfig(seqlen=32, max_windows=2))
     cfg.output.save_model = True
     data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
     assert data["status"] == "ok"
@@ -186,16 +195,20 @@ def test_bnb_save_and_stock_reload(tmp_path, bits):
 
 
 def test_stage_order_is_configurable_and_validated():
-    cfg = Config(prune=PruneConfig(method="wanda"), quant=QuantConfig(method="gptq"), stages=["quant", "prune"])
-    assert cfg.stages == ["quant", "prune"]
+    cfg = Config(prune=prune_config(method="wanda"), train=TrainConfig(method="lora"), quant=quant_config(method="gptq"),
+                 stages=["train", "prune", "quant"])
+    assert cfg.stages == ["train", "prune", "quant"]
+    Config(prune=prune_config(method="wanda"), quant=quant_config(method="gptq"), stages=["prune", "quant", "train"])
+    with pytest.raises(ConfigError, match="runs prune after quantizing"):
+        Config(prune=prune_config(method="wanda"), quant=quant_config(method="gptq"), stages=["quant", "prune"])
     with pytest.raises(ConfigError, match="stages"):
         Config(stages=["prune", "prune"])
     with pytest.raises(ConfigError, match="stages"):
         Config(stages=["prune", "quantize"])
     with pytest.raises(ConfigError, match="leaves the quant stage out"):
-        Config(quant=QuantConfig(method="rtn"), stages=["prune", "train"])
-    with pytest.raises(ConfigError, match="trains after quantizing"):
-        Config(quant=QuantConfig(method="rtn"), train=TrainConfig(method="lora"), stages=["quant", "train"])
+        Config(quant=quant_config(method="rtn"), stages=["prune", "train"])
+    with pytest.raises(ConfigError, match="runs train after quantizing"):
+        Config(quant=quant_config(method="rtn"), train=TrainConfig(method="lora"), stages=["quant", "train"])
 
 
 def test_group_size_that_does_not_divide_is_refused_before_the_model_loads(tmp_path):
@@ -252,23 +265,23 @@ def test_compare_plots_one_line_per_quant_setting(tmp_path):
 
 @pytest.mark.parametrize("pattern,act_order", [("unstructured", True), ("2:4", False), ("2:4", True)])
 def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern, act_order):
-    """quant.joint=true: the mask is chosen and the kept weights quantized in one column loop (inside
-    the prune stage); every module reaches its sparsity (N:M exact), every weight lies on its grid, and
-    the saved checkpoint reloads with stock transformers to the same weights."""
+    """quant=sparsegpt_gptq: the mask is chosen and the kept weights quantized in one column loop; every module
+    reaches its sparsity (N:M exact), every weight lies on its grid, and the saved checkpoint reloads with stock
+    transformers to the same weights."""
     from compress import experiment
-    from compress.pruning.masks import check_nm
 
     model = _tiny("llama", vocab=260)
-    cfg = Config(prune=PruneConfig(method="sparsegpt", sparsity=0.5, pattern=pattern, blocksize=32),
-                 quant=QuantConfig(method="gptq", bits=4, group_size=32, joint=True, act_order=act_order),
+    cfg = Config(quant=quant_config(method="sparsegpt_gptq", sparsity=0.5, pattern=pattern, bits=4, group_size=32,
+                                    act_order=act_order, blocksize=32),
                  calib=CalibConfig(nsamples=4, seqlen=32), eval=EvalConfig(seqlen=32, max_windows=2))
     cfg.output.save_model = True
     data = experiment.run_experiment(cfg, tmp_path / "run", model=model, tokenizer=byte_tokenizer(), print_summary=False)
     assert data["status"] == "ok"
     rep = data["quant_report"]
-    assert rep["mode"]["chosen"] == "joint" and rep["check"]["on_grid"] is True
+    assert rep["check"]["on_grid"] is True and rep["check"]["sparsity"]["ok"] is True
     n_lin = len(resolve_targets(model).flat())
-    assert len(rep["modules"]) == len(data["prune_report"]["modules"]) == n_lin
+    assert len(rep["modules"]) == n_lin and all(m["achieved"] >= 0.5 - 1 / m["cols"] for m in rep["modules"])
+    assert data["metrics"]["sparsity"] >= 0.5 - 1e-3  # kept weights that round to 0 on the grid add a few zeros
     got = _reload(tmp_path / "run" / "model", _ids(2, 16), tmp_path)
     for n, w in model.named_parameters():
         if "proj" not in n:
@@ -281,13 +294,53 @@ def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern, act_
     assert rep["check"]["nm_exact"] is (True if pattern == "2:4" else None)
 
 
-def test_joint_mode_is_refused_where_it_cannot_apply():
-    with pytest.raises(ConfigError, match="prune=sparsegpt and quant=gptq"):
-        Config(prune=PruneConfig(method="wanda"), quant=QuantConfig(method="gptq", joint=True))
-    with pytest.raises(ConfigError, match="off their grid"):
-        Config(prune=PruneConfig(method="sparsegpt", reconstruct_epochs=1, sequential="true"),
-               quant=QuantConfig(method="gptq", joint=True))
-    with pytest.raises(ConfigError, match="right after the prune stage"):
-        Config(prune=PruneConfig(method="sparsegpt"), quant=QuantConfig(method="gptq", joint=True),
-               train=TrainConfig(method="lora"))
-    Config(prune=PruneConfig(method="sparsegpt"), quant=QuantConfig(method="gptq", joint=True))  # valid
+def test_joint_method_is_checked_where_it_cannot_apply():
+    """The joint method is its own quantizer: with a prune stage before it, or keys of another method, it
+    is refused by name; its N:M groups must fit in its quant groups."""
+    with pytest.raises(ConfigError, match="quant.joint is not a key of quant=gptq"):
+        quant_config(method="gptq", joint=True)
+    with pytest.raises(ConfigError, match="quant.reconstruct_epochs is not a key of quant=sparsegpt_gptq"):
+        quant_config(method="sparsegpt_gptq", reconstruct_epochs=1)
+    with pytest.raises(ConfigError, match="group_size to be a multiple of 8"):
+        quant_config(method="sparsegpt_gptq", pattern="4:8", group_size=4)
+    with pytest.raises(ConfigError, match="runs train after quantizing"):
+        Config(quant=quant_config(method="sparsegpt_gptq"), train=TrainConfig(method="lora"),
+               stages=["quant", "train"])
+    Config(quant=quant_config(method="sparsegpt_gptq", pattern="2:4"))  # valid
+
+
+def test_a_checkpoint_that_does_not_reload_is_never_ok(tmp_path):
+    """Falcon's own _init_weights touches ``.weight`` of every FalconLinear, which compressed-tensors packed:
+    stock from_pretrained cannot load the GPTQ checkpoint. The save step's fresh-process reload finds it: the
+    run ends non-zero naming the cause and the working alternative (the evaluation still runs and is
+    recorded), the unloadable checkpoint is moved aside; with output.save_fallback=true the dequantized
+    weights are saved instead, recorded as such, and reload with stock from_pretrained to equal weights."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "falcon"
+    T.AutoModelForCausalLM.from_config(T.FalconConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4)).save_pretrained(ckpt)
+    byte_tokenizer().save_pretrained(ckpt)
+    args = ["model=hf", f"model.name={ckpt}", "quant=gptq", "quant.group_size=16", "output.save_model=true", *SMALL]
+    d = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "compress", *args, f"hydra.run.dir={d}"], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "does not reload" in p.stderr and "FalconLinear" in p.stderr and "output.save_fallback=true" in p.stderr
+    data = json.loads((d / "results.json").read_text())
+    save = next(s for s in data["stages"] if s["name"] == "save")
+    assert data["status"] == "failed" and save["status"] == "failed" and "FalconLinear" in save["error"]
+    assert data["metrics"]["ppl"]["wikitext2"] > 1  # the evaluation ran and was recorded
+    assert not (d / "model").exists() and (d / "model.does-not-reload").exists()
+    d2 = tmp_path / "run_fallback"
+    p = subprocess.run([sys.executable, "-m", "compress", *args, "output.save_fallback=true", f"hydra.run.dir={d2}"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((d2 / "results.json").read_text())
+    save = next(s for s in data["stages"] if s["name"] == "save")
+    assert data["status"] == "ok" and "FalconLinear" in save["fallback_from"]["error"]
+    assert save["reload"]["ok"] and save["reload"]["weights_equal"] and "dequantized" in save["format"]
+    assert json.loads((d2 / "model" / "compress_quantization.json").read_text())["bits"] == 4
+    check = _reload_check(d2)
+    assert check["ok"] and check["weights_equal"] and check["ppl_rel_diff"] <= 1e-4, check

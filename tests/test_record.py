@@ -3,7 +3,8 @@ import json
 import pytest
 
 from compress import experiment
-from compress.config import CalibConfig, Config, EvalConfig, PruneConfig
+from compress.config import Config, prune_config
+from compress.schema import CalibConfig, EvalConfig
 from compress.record import RunRecord, atomic_write_json
 
 
@@ -36,13 +37,16 @@ def test_results_survive_a_failing_later_stage(tmp_path, tiny_model, monkeypatch
         def save_pretrained(self, p):
             pass
 
-    def failing_train(ctx, info):
-        raise RuntimeError("simulated crash in train")
+    class FailingTrain:
+        name = "train"
 
-    monkeypatch.setitem(experiment.STAGES, "train", failing_train)
-    cfg = Config(prune=PruneConfig(method="wanda", sparsity=0.5), calib=CalibConfig(nsamples=4, seqlen=32),
+        def run(self, ctx):
+            raise RuntimeError("simulated crash in train")
+
+    monkeypatch.setitem(experiment.STAGES, "train", FailingTrain)
+    cfg = Config(prune=prune_config(method="wanda", sparsity=0.5), calib=CalibConfig(nsamples=4, seqlen=32),
                  eval=EvalConfig(seqlen=32, max_windows=2))
-    cfg.train.method = "full"  # bypasses validation on purpose: only the stage function is faked
+    cfg.train.method = "full"  # only the stage class is faked
     with pytest.raises(RuntimeError, match="simulated"):
         experiment.run_experiment(cfg, tmp_path, model=model, tokenizer=Tok(), print_summary=False)
     data = json.loads((tmp_path / "results.json").read_text())
@@ -73,7 +77,7 @@ def test_heap_peak_sees_a_freed_allocation():
 
     import torch
 
-    from compress.record import HeapPeak
+    from compress.core.memory import HeapPeak
 
     h = HeapPeak(interval=0.001)
     if h._fn is None:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from compress.config import PruneConfig, TrainConfig
-from compress.pruning import prune_model
+from compress.config import prune_config
+from compress.schema import TrainConfig
+from compress.stages.prune import prune_model
 from compress.training import Trainer, check_masks, record_masks
 
 
@@ -42,19 +43,27 @@ def test_accumulation_equals_large_batch(tiny_model):
 
 
 def test_activation_checkpointing_same_loss_and_grads(tiny_model):
-    ids = _ids(2)
-    grads = []
+    """Our switch (train.activation_checkpointing) through our Trainer: the blocks really recompute in
+    backward (checkpointing is on in the trained model), and the loss and every gradient of the first step
+    equal those of the run without it."""
+
+    class Grads:
+        def __init__(self):
+            self.grads = None
+
+        def on_before_optimizer_step(self, trainer):
+            self.grads = [p.grad.detach().clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    out = {}
     for ckpt in (False, True):
-        m = tiny_model("llama", seed=2)
-        m.train()
-        if ckpt:
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        loss = m(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        grads.append((float(loss), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
-    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
-    assert len(grads[0][1]) == len(grads[1][1])
-    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        cb = Grads()
+        t = Trainer(tiny_model("llama", seed=2), _cfg(max_steps=1, activation_checkpointing=ckpt), _ids(4), callbacks=[cb])
+        assert t.acc.unwrap_model(t.model).is_activation_checkpointing is ckpt
+        t.fit()
+        out[ckpt] = (t.history[0]["loss"], cb.grads)
+    assert out[False][0] == pytest.approx(out[True][0], rel=1e-6)
+    assert len(out[False][1]) == len(out[True][1]) > 10
+    for g0, g1 in zip(out[False][1], out[True][1]):
         assert torch.allclose(g0, g1, atol=1e-6)
 
 
@@ -76,7 +85,7 @@ def test_8bit_adam_steps_on_cpu(tiny_model, opt):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_masks_survive_training(tiny_model, calib_ids, method):
     model = tiny_model("llama", seed=4)
-    prune_model(model, None, PruneConfig(method="wanda", pattern="2:4"), calib_ids=calib_ids, progress=False)
+    prune_model(model, None, prune_config(method="wanda", pattern="2:4"), calib_ids=calib_ids, progress=False)
     masks = record_masks(model)
     assert len(masks) == 14
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -126,7 +135,7 @@ def test_distillation_changes_the_gradients(tiny_model):
     (alpha=1) has zero gradient (the KL is at its minimum)."""
     teacher = tiny_model("llama", seed=7)
     student = tiny_model("llama", seed=7)
-    prune_model(student, None, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    prune_model(student, None, prune_config(method="magnitude", sparsity=0.5), progress=False)
     lm = _grads(student, teacher)
     kd = _grads(student, teacher, distill=True, distill_alpha=0.5)
     kd0 = _grads(student, teacher, distill=True, distill_alpha=0.0)
@@ -171,7 +180,7 @@ def test_default_lora_targets_cover_every_block_linear(tiny_model, family):
     """The default train.lora_targets (every linear of every block, through the prune stage's resolver)
     puts an adapter on each of them whatever the family calls them, Conv1D included; nothing outside the
     blocks (lm_head, embeddings) gets one."""
-    from compress.calibration import resolve_targets
+    from compress.calibration.targets import resolve_targets
     from compress.training import apply_lora
 
     model = tiny_model(family)

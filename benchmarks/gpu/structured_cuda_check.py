@@ -9,8 +9,8 @@ import torch
 import transformers as T
 
 from compress.calibration.blocks import find_blocks
-from compress.config import TrainConfig
-from compress.structured.groups import block_structure
+from compress.calibration.roles import block_structure
+from compress.schema import TrainConfig
 from compress.structured.lora import LoraPruneCallback
 from compress.structured.surgery import block_params, masked_logits, plan_widths, remove_blocks, remove_width
 from compress.training import Trainer

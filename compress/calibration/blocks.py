@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from compress.errors import UnsupportedModelError
+from compress.core.errors import UnsupportedModelError
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
 

@@ -1,9 +1,10 @@
-"""The block loop every calibration-based method shares: statistics, then compress each linear.
+"""The block loop every calibration-based method shares, and the contract of a method that compresses
+linears one at a time.
 
 :class:`BlockLoop` walks the decoder blocks with :func:`compress.calibration.runner.run_sequential`.
-In each block it collects the statistics a method declared (``needs_hessian``, ``needs_sqnorm``) on the
-target linears' inputs and calls ``compress_linear(block_index, name, module, stats)`` for each target,
-in forward order, in one of two modes:
+In each block it collects the statistics a method declared (``needs_hessian``, ``needs_sqnorm``,
+``needs_moments``) on the target linears' inputs and calls ``compress_linear(block_index, name, module,
+stats)`` for each target, in forward order, in one of two modes:
 
 * ``two_pass``: one pass collects the statistics of all target linears on the block's inputs (each batch
   after the first stops once it has fed every target), all are compressed, a second pass produces the
@@ -15,32 +16,106 @@ in forward order, in one of two modes:
 
 ``sequential="auto"`` decides on the first block from the memory estimate of
 :mod:`compress.calibration.memory`: the single pass when it fits ``memory_budget`` x the free memory of
-the device holding the activations. Pruning (dense stream, block reconstruction) and quantization add
-their own steps through the ``before_block`` / ``after_single_pass`` hooks; nothing here knows a method.
+the device holding the activations. Stages add their own steps through the ``before_statistics``,
+``before_block`` and ``after_single_pass`` hooks; nothing here knows a method.
+
+:func:`observe_blocks` is the same walk for what only reads statistics and outputs (structured
+importance, OWL's outlier ratios): one forward per block with the statistics hooks live.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from compress.calibration.blocks import BlockInputs
-from compress.calibration.memory import LinearShape, MiB, estimate_peaks, free_memory_bytes, probe_linears
+from compress.calibration.memory import LinearShape, MiB, estimate_peaks, probe_linears
 from compress.calibration.runner import BlockResult, run_sequential
 from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
 from compress.calibration.targets import Targets
+from compress.core.config import fraction, tristate
+from compress.core.memory import free_memory_bytes
+from compress.core.modules import text_config
+
+
+@dataclass
+class LoopConfig:
+    """The block loop's settings, a mixin of config fields for the methods that calibrate."""
+
+    # true: single pass (linears compressed in forward order on already-compressed inputs; every calibration
+    # sample waits inside the block); false: two passes (one sample's activations at a time); auto: the
+    # single pass when its estimated peak memory fits memory_budget x the free memory of the device holding
+    # the activations, else two passes
+    sequential: str = "auto"
+    memory_budget: float = 0.5  # sequential=auto: fraction of the free device memory the single pass may use
+    offload: bool = False  # keep blocks on the CPU and onload one at a time
+
+    def validate_loop(self) -> None:
+        self.sequential = tristate(self.key("sequential"), self.sequential)
+        fraction(self.key("memory_budget"), self.memory_budget, 0.0, 1.0, lo_open=True, hi_open=False)
+
+
+@dataclass
+class LinearJob:
+    """What the stage tells a method about one linear."""
+
+    key: str  # "<block>.<name>"
+    block: int
+    sparsity: float = 0.0  # this block's target (mask methods)
+    nm: Optional[Tuple[int, int]] = None  # N kept of every M inputs (mask methods)
+    keep: Optional[torch.Tensor] = None  # [out, in] bool: False where a weight must stay zero (a pruned model)
+
+
+@dataclass
+class LinearResult:
+    """A method's answer for one linear: the new ``[out, in]`` weight (float32; zeros where pruned), and,
+    when it lies on an integer grid, the grid (``spec``) and its parameters ``[out, groups]``."""
+
+    weight: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    spec: Optional[object] = None  # compress.core.grid.GridSpec
+    info: Dict = field(default_factory=dict)
+
+
+class LinearMethod:
+    """A method that compresses linears one at a time: it declares the statistics it needs, and
+    :meth:`step` returns each linear's new weight. It never walks blocks or registers hooks."""
+
+    kind = ""  # prune | quant
+    needs_calibration = True
+    needs_hessian = False
+    needs_sqnorm = False
+    needs_moments = False
+    preserves_zeros = False  # the stage passes a pruned linear's zeros as job.keep
+
+    @staticmethod
+    def work_floats(out_features: int, in_features: int) -> float:
+        """float32 values allocated while one ``[out, in]`` linear is compressed (scores, mask, the new weight,
+        the error terms): the memory estimator's per-linear working set. Measured for Wanda and SparseGPT
+        at 4096 x 11008 (heap peak above the weight, the statistics and the damped factor): Wanda 1.75,
+        SparseGPT 1.4."""
+        return 1.5 * out_features * in_features
+
+    def prepare(self, targets: Targets, sparsities: List[float]) -> None:
+        """Called once before the walk (e.g. a global threshold over every target)."""
+
+    def step(self, weight: torch.Tensor, stats: Optional[InputStats], job: LinearJob) -> LinearResult:
+        raise NotImplementedError
+
+    def info(self, stats: Optional[InputStats]) -> Dict:
+        """Per-module facts for the report (e.g. the damping a Hessian needed)."""
+        return {}
+
 
 log = logging.getLogger(__name__)
 
 CompressFn = Callable[[int, str, nn.Module, Optional[InputStats]], None]
-
-
-def _text_config(model):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 def decide_mode(sequential: str, memory_budget: float, method, shapes: List[LinearShape], inputs: BlockInputs,
@@ -51,7 +126,7 @@ def decide_mode(sequential: str, memory_budget: float, method, shapes: List[Line
     hidden = inputs.hidden[0].shape[-1]
     est = estimate_peaks(shapes, hidden, inputs.ntokens(), inputs.hidden[0].shape[0] * inputs.hidden[0].shape[1],
                          inputs.hidden[0].element_size(), method.needs_hessian, method.work_floats,
-                         dense_stream=dense_stream, intermediate=getattr(_text_config(model), "intermediate_size", None))
+                         dense_stream=dense_stream, intermediate=getattr(text_config(model), "intermediate_size", None))
     free = free_memory_bytes(device)
     budget = free * float(memory_budget) if free is not None else None
     info = {"requested": sequential, "estimate": est.to_dict(), "device": str(device),
@@ -105,6 +180,9 @@ class BlockLoop:
         self._probes: Dict[tuple, List[LinearShape]] = {}
 
     # -- hooks for what a stage adds around the plain loop
+    def before_statistics(self, bidx: int, block: nn.Module, inputs: BlockInputs) -> None:
+        """Runs first in each block, before anything is collected (e.g. a block transform such as AWQ)."""
+
     def dense_outputs(self, bidx: int, block: nn.Module, dense: Optional[BlockInputs]) -> Optional[List[torch.Tensor]]:
         """Runs first in each block, before any statistics hook exists (e.g. regression targets)."""
         return None
@@ -130,6 +208,7 @@ class BlockLoop:
 
     def process_block(self, bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):
         t0 = time.perf_counter()
+        self.before_statistics(bidx, block, inputs)
         linears = self.targets.per_block[bidx]
         key = tuple(linears)
         if key not in self._probes:  # blocks of one class share the structure: probed once (one batch)
@@ -142,7 +221,7 @@ class BlockLoop:
                 print(mode_line(self.mode, self.stage))
         dense_outs = self.dense_outputs(bidx, block, dense)
         collector = StatsCollector(linears, self.method.needs_hessian, self.method.needs_sqnorm, self.device,
-                                   groups={s.name: s.group for s in shapes})
+                                   groups={s.name: s.group for s in shapes}, moments=self.method.needs_moments)
 
         def compress_now(name):
             self.compress_linear(bidx, name, linears[name], collector.stats[name])
@@ -167,3 +246,32 @@ class BlockLoop:
             collector.remove()
         self.after_block(bidx, linears, t0)
         return result
+
+
+ObserveFn = Callable[[int, nn.Module, BlockInputs, List[torch.Tensor], Dict[str, InputStats]], None]
+
+
+@torch.no_grad()
+def observe_blocks(model: nn.Module, calib_ids: torch.Tensor, observe: ObserveFn,
+                   linears_of: Optional[Callable[[int, nn.Module], Dict[str, nn.Module]]] = None, *,
+                   hessian: bool = False, sqnorm: bool = False, moments: bool = False, propagate: str = "pruned",
+                   batch_size: int = 1, device=None, offload: bool = False, progress: bool = True,
+                   desc: str = "observe") -> None:
+    """Walk the blocks without changing them: one forward per block over every calibration batch, with the
+    statistics (``hessian`` / ``sqnorm`` / ``moments``) of the linears ``linears_of(index, block)``
+    collected, then ``observe(index, block, inputs, outputs, stats)``. The outputs feed the next block
+    (``propagate`` says which stream, as for the compressing loop)."""
+
+    def process(bidx, block, inputs, dense=None):
+        linears = linears_of(bidx, block) if linears_of is not None else {}
+        collector = StatsCollector(linears, hessian, sqnorm, device if device is not None else inputs.hidden[0].device,
+                                   moments=moments)
+        try:
+            outs = collector.forward_all(block, inputs)
+        finally:
+            collector.remove()
+        observe(bidx, block, inputs, outs, collector.stats)
+        return BlockResult(dense_outputs=outs) if propagate == "dense" else BlockResult(outputs=outs)
+
+    run_sequential(model, calib_ids, process, batch_size=batch_size, device=device, offload=offload,
+                   propagate=propagate, progress=progress, desc=desc)

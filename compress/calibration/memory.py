@@ -27,9 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from compress.record import proc_kb
-
-MiB = 2**20
+from compress.core.memory import MiB
+from compress.core.modules import weight_matrix
 
 
 @dataclass
@@ -115,21 +114,10 @@ def estimate_peaks(linears: Sequence[LinearShape], hidden: int, tokens: int, bat
     return MemoryEstimate(peak_single, peak_two, inflight_at_peak, tokens)
 
 
-def free_memory_bytes(device) -> Optional[float]:
-    """Free memory of ``device``: ``cudaMemGetInfo`` on CUDA, ``MemAvailable`` on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    kb = proc_kb("/proc/meminfo", "MemAvailable")
-    return kb * 1024.0 if kb is not None else None
-
-
 @torch.no_grad()
 def probe_linears(block, inputs, linears: Dict[str, torch.nn.Module]) -> List[LinearShape]:
     """Run the first calibration batch through ``block`` once and record, in forward order, each target
     linear's shape, which distinct input feeds it, and how often it is called."""
-    from compress.calibration.targets import weight_matrix
-
     order: List[str] = []
     calls: Dict[str, int] = {}
     group_of: Dict[str, int] = {}

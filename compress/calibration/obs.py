@@ -10,7 +10,7 @@ Two hooks decide what "compressed" means:
 
 * a **mask** (``sparsity`` / ``nm`` chosen inside the loop from ``w^2 / U_ii^2`` on the updated weights,
   as in SparseGPT; or ``keep``, a fixed mask, e.g. from an earlier prune stage, whose zeros stay zero);
-* a **quantizer** (:class:`compress.quant.grid.GridSpec`): the grid parameters of a group are fitted
+* a **quantizer** (:class:`compress.core.grid.GridSpec`): the grid parameters of a group are fitted
   when the loop reaches the group's first column, on the updated weights of the group's kept entries
   (``static_groups``: fitted on the original weights before the loop, which act-order needs so that
   every column keeps its own group's parameters and no per-row group index is stored).
@@ -25,6 +25,26 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+
+from compress.core.config import choice, positive
+from compress.core.errors import ConfigError
+from compress.core.grid import fake_quant, fit
+from compress.core.masks import nm_mask, unstructured_mask
+
+
+@dataclass
+class OBSConfig:
+    """The column loop's settings, a mixin of config fields for the methods that run it."""
+
+    blocksize: int = 128  # columns per lazy batch update
+    percdamp: float = 0.01  # relative damping of H (raised automatically if H is not positive definite)
+    damp_mode: str = "mean"  # mean (reference: percdamp * mean diag H) | median (robust to massive activations)
+
+    def validate_obs(self) -> None:
+        positive(self.key("blocksize"), self.blocksize)
+        if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not self.percdamp >= 0:
+            raise ConfigError(f"{self.key('percdamp')}={self.percdamp!r} is not valid: it must be >= 0")
+        choice(self.key("damp_mode"), self.damp_mode, ("mean", "median"))
 
 
 @dataclass
@@ -52,15 +72,12 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
 
     ``U``: upper Cholesky factor of the damped inverse Hessian, in the processing order (permute ``H``
     and ``W``'s columns together for act-order before calling). ``quant``: a
-    :class:`~compress.quant.grid.GridSpec`; ``qparams``: ``(scale, zero, col_group)`` fitted beforehand
+    :class:`~compress.core.grid.GridSpec`; ``qparams``: ``(scale, zero, col_group)`` fitted beforehand
     (static groups: ``scale``/``zero`` ``[rows, groups]``, ``col_group[c]`` the group of processing-order
     column ``c``), else each group's parameters are fitted when the loop reaches it (contiguous groups).
     ``dead``: inputs never activated (their weights are zeroed first, as in the reference
     implementations). Returns an :class:`ObsResult`.
     """
-    from compress.pruning.masks import nm_mask, unstructured_mask  # pure functions (imported here: no cycle)
-    from compress.quant.grid import fake_quant, fit
-
     Wt = W.float().t().contiguous()  # [cols, rows]
     cols, rows = Wt.shape
     if dead is not None:

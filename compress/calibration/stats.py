@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.calibration.blocks import BlockInputs
-from compress.calibration.linalg import Damping, damped_inverse_cholesky
+from compress.core.linalg import damped_inverse_cholesky
 
 
 class InputStats:
@@ -26,8 +26,12 @@ class InputStats:
     PANEL = 192
     SAMPLE_STRIDE = 64  # without H, the error is estimated on every 64th token (at most sample_tokens)
 
-    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 256, device=None):
+    def __init__(self, in_features: int, hessian: bool, sqnorm: bool, sample_tokens: int = 256, device=None,
+                 moments: bool = False):
         self.tokens = 0
+        # per input column, in float64: the sum and the sum of squares (means and variances, e.g. FLAP)
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
+        self.sumsq = torch.zeros(in_features, dtype=torch.float64, device=device) if moments else None
         # upper triangle only during accumulation (half the FLOPs of X^T X); made full in place on first
         # use of :attr:`H`, after which no more tokens can be added
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
@@ -49,6 +53,16 @@ class InputStats:
             self._H.add_(self._H.triu(1).t())
             self._full = True
         return self._H
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per input column, the mean over the calibration tokens (float64; needs ``moments``)."""
+        return self.sum / self.tokens
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per input column, the unbiased sample variance over the calibration tokens (float64)."""
+        return (self.sumsq - self.tokens * self.mean.square()) / max(1, self.tokens - 1)
 
     def hinv_factor(self, percdamp: float, damp_mode: str = "mean") -> torch.Tensor:
         """Upper Cholesky factor of the damped ``H^-1``, computed once per distinct input."""
@@ -77,6 +91,10 @@ class InputStats:
                 self._H[a:a + self.PANEL, a:].addmm_(xt[a:a + self.PANEL], x[:, a:])
         if self.sqnorm is not None:
             self.sqnorm.add_(x.square().sum(0))
+        if self.sum is not None:
+            xd = x.double()
+            self.sum += xd.sum(0)
+            self.sumsq += xd.square().sum(0)
         if self._H is None and self._sampled < self.sample_tokens:  # error estimate when H is not collected
             take = x[:: self.SAMPLE_STRIDE][: self.sample_tokens - self._sampled]
             self.samples.append(take.clone())
@@ -116,7 +134,7 @@ class StatisticsComplete(Exception):
 class StatsCollector:
     """Pre-hooks on the target linears of one block that feed :class:`InputStats`.
 
-    ``hessian`` / ``sqnorm``: what the method declared it needs. ``on_input(name)`` is called after each
+    ``hessian`` / ``sqnorm`` / ``moments``: what the method declared it needs. ``on_input(name)`` is called after each
     input is recorded (the single pass pauses there). With ``record=True`` the hooks keep each distinct
     input instead (the dense inputs used by error correction). ``release(name)`` drops a linear's
     statistics once it is compressed; with ``groups`` (which linears share an input, from
@@ -126,9 +144,9 @@ class StatsCollector:
     """
 
     def __init__(self, linears: Dict[str, nn.Module], hessian: bool, sqnorm: bool, device,
-                 groups: Optional[Dict[str, int]] = None):
+                 groups: Optional[Dict[str, int]] = None, moments: bool = False):
         self.linears = linears
-        self.hessian, self.sqnorm = hessian, sqnorm
+        self.hessian, self.sqnorm, self.moments = hessian, sqnorm, moments
         self.device = device
         self.groups = groups
         self.stats: Dict[str, InputStats] = {}
@@ -163,7 +181,8 @@ class StatsCollector:
             if name not in self.stats:
                 st = self._shared.get(first) if first is not None else None
                 if st is None:  # a new input (or one whose statistics were already released: counted anew)
-                    st, fresh = InputStats(x.shape[-1], self.hessian, self.sqnorm, device=self.device), True
+                    st, fresh = InputStats(x.shape[-1], self.hessian, self.sqnorm, device=self.device,
+                                                moments=self.moments), True
                     self._shared[name] = st
                 self.stats[name] = st
                 self._owner[name] = name if fresh else first

@@ -3,7 +3,7 @@
 A *target* is a linear-like module inside a decoder block whose name (relative to its block, e.g.
 ``self_attn.q_proj``) matches one of the ``targets`` regexes and none of the ``ignore`` ones.
 Linear-like means ``nn.Linear`` (bitsandbytes' linears included) or ``transformers.Conv1D`` (GPT-2
-style, which stores its weight transposed, ``[in, out]``); :func:`weight_matrix` gives every one of
+style, which stores its weight transposed, ``[in, out]``); :func:`compress.core.modules.weight_matrix` gives every one of
 them as an ``[out, in]`` view, so masks and quantizers never see the storage layout.
 
 Any other module inside a block that holds a weight matrix directly (fused MoE experts with 3-D
@@ -18,43 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from compress.calibration.blocks import find_blocks
-from compress.errors import UnsupportedModelError
+from compress.core.errors import UnsupportedModelError
+from compress.core.modules import LINEAR_TYPES, is_linear
 
 ALL = (r".*",)
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it
-        return ()
-    return (Conv1D,)
-
-
-LINEAR_TYPES: Tuple[type, ...] = (nn.Linear,) + _conv1d_type()
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES)
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """True for modules that store their weight as ``[in, out]`` (``transformers.Conv1D``)."""
-    return not isinstance(module, nn.Linear) and isinstance(module, LINEAR_TYPES)
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as an ``[out, in]`` tensor (a view: writing into it writes the module's weight)."""
-    w = module.weight
-    return w.t() if is_transposed(module) else w
-
-
-def in_features(module: nn.Module) -> int:
-    return weight_matrix(module).shape[1]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional
 
+from compress.core.runtime import cache_dir
+
 DATA_DIR = Path(__file__).resolve().parent / "wikitext-2"
 EMBEDDED = {
     # name -> (file for eval, file for calibration/training)
@@ -141,8 +143,6 @@ def _tokenize_cached(fingerprint: str, text_hash: str, text: str, tokenizer) -> 
     disk = None
     try:
         from safetensors.torch import load_file, save_file
-
-        from compress.models import cache_dir
 
         disk = cache_dir() / "tokens" / f"{fingerprint}-{text_hash[:16]}.safetensors"
         if disk.exists():

@@ -1,9 +1,11 @@
-"""Pruning: masks (pure functions), methods (registered classes), schedules and the engine."""
+"""Mask methods (unstructured and N:M): one module each, registered with :mod:`compress.registry`.
 
-from compress.calibration.stats import InputStats
-from compress.pruning.engine import PruneReport, prune_model, prune_targets
-from compress.pruning.masks import check_nm, make_mask, nm_mask, unstructured_mask
-from compress.pruning.methods import REGISTRY, PruningMethod, get_method, register, sparsegpt_prune
+Every module of this package is imported here, so that a new method is one new file
+(``compress/pruning/<name>.py``): its config, the statistics it needs, and its step.
+"""
 
-__all__ = ["PruneReport", "prune_model", "prune_targets", "check_nm", "make_mask", "nm_mask", "unstructured_mask",
-           "REGISTRY", "InputStats", "PruningMethod", "get_method", "register", "sparsegpt_prune"]
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

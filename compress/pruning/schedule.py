@@ -12,7 +12,10 @@ from typing import List
 
 import torch
 
-from compress.config import ConfigError, PruneConfig
+from compress.calibration.loop import observe_blocks
+from compress.calibration.targets import resolve_targets
+from compress.core.errors import ConfigError
+from compress.core.modules import weight_matrix
 
 
 def owl_from_ratios(ratios: List[float], sparsity: float, lam: float) -> List[float]:
@@ -26,42 +29,35 @@ def owl_from_ratios(ratios: List[float], sparsity: float, lam: float) -> List[fl
 
 
 @torch.no_grad()
-def owl_outlier_ratios(model, calib_ids, cfg: PruneConfig, batch_size: int = 1, device=None, offload: bool = False,
+def owl_outlier_ratios(model, calib_ids, cfg, batch_size: int = 1, device=None, offload: bool = False,
                        progress: bool = True) -> List[float]:
-    from compress.calibration import BlockResult, run_sequential, weight_matrix
-    from compress.calibration.stats import StatsCollector
-    from compress.pruning.engine import prune_targets
-
+    """Per block, the share of Wanda scores above ``cfg.owl_m`` x their mean (one pass over the dense model)."""
     ratios: List[float] = []
-    targets = prune_targets(model, cfg).require("prune")
+    targets = resolve_targets(model, cfg.targets, cfg.ignore).require("prune")
 
-    def process(bidx, block, inputs, dense=None):
+    def observe(bidx, block, inputs, outs, stats):
         linears = targets.per_block[bidx]
-        collector = StatsCollector(linears, hessian=False, sqnorm=True, device=device)
-        try:
-            outs = collector.forward_all(block, inputs)
-        finally:
-            collector.remove()
-        scores = torch.cat([(weight_matrix(m).float().abs() * collector.stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
+        scores = torch.cat([(weight_matrix(m).float().abs() * stats[n].sqnorm.sqrt().unsqueeze(0)).flatten()
                             for n, m in linears.items()])
         ratios.append(float((scores > cfg.owl_m * scores.mean()).float().mean()))
-        return BlockResult(dense_outputs=outs)
 
-    run_sequential(model, calib_ids, process, batch_size=batch_size, device=device, offload=offload,
-                   propagate="dense", progress=progress, desc="owl ratios")
+    observe_blocks(model, calib_ids, observe, lambda bidx, block: targets.per_block[bidx], sqnorm=True,
+                   propagate="dense", batch_size=batch_size, device=device, offload=offload, progress=progress,
+                   desc="owl ratios")
     return ratios
 
 
-def layer_sparsities(cfg: PruneConfig, nblocks: int, model=None, calib_ids=None, batch_size: int = 1, device=None,
+def layer_sparsities(cfg, nblocks: int, model=None, calib_ids=None, batch_size: int = 1, device=None,
                      offload: bool = False, progress: bool = True) -> List[float]:
+    """The target sparsity of each block under ``cfg.schedule`` (a mask method's config)."""
     if cfg.schedule == "uniform":
         return [float(cfg.sparsity)] * nblocks
     if cfg.schedule == "list":
         vals = [float(v) for v in cfg.layer_sparsities]
         if len(vals) != nblocks:
-            raise ConfigError(f"prune.layer_sparsities has {len(vals)} values but the model has {nblocks} blocks")
+            raise ConfigError(f"{cfg.key('layer_sparsities')} has {len(vals)} values but the model has {nblocks} blocks")
         return vals
     if cfg.schedule == "owl":
         ratios = owl_outlier_ratios(model, calib_ids, cfg, batch_size, device, offload, progress)
         return owl_from_ratios(ratios, float(cfg.sparsity), cfg.owl_lambda)
-    raise ConfigError(f"prune.schedule={cfg.schedule!r}")
+    raise ConfigError(f"{cfg.key('schedule')}={cfg.schedule!r}")

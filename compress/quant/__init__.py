@@ -1,2 +1,11 @@
-"""Quantization: integer grids (pure functions), methods (RTN, GPTQ, bitsandbytes), the quant stage and
-export to formats that stock ``from_pretrained`` reloads."""
+"""Quantizers (RTN, GPTQ, the joint SparseGPT + GPTQ, bitsandbytes): one module each, registered with
+:mod:`compress.registry`, plus :mod:`~compress.quant.export` (the compressed-tensors format).
+
+Every module of this package is imported here, so that a new quantizer is one new file.
+"""
+
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

@@ -10,7 +10,7 @@
 * Sparsity is stored as explicit zeros: a pruned weight is exactly 0, which lies on the grid (code
   ``zero``), so nothing is lost. A sidecar ``compress_sparsity.json`` records the pattern and the zero
   count of every module, and what ideal 2:4 storage would cost, for the reload check.
-* bitsandbytes: transformers' own 8-bit / 4-bit serialization (:mod:`compress.quant.bnb`).
+* bitsandbytes: transformers' own 8-bit / 4-bit serialization (``save_pretrained``).
 
 Only ``nn.Linear`` modules can be written in compressed-tensors format; a quantized ``Conv1D`` (GPT-2
 style) is refused by name at save time (quantizing it in memory works).
@@ -19,6 +19,7 @@ style) is refused by name at save time (quantizing it in memory works).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -26,19 +27,19 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from compress.errors import UnsupportedModelError
-from compress.quant.grid import GridSpec
+from compress.core.config import parse_pattern
+from compress.core.errors import UnsupportedModelError
+from compress.core.grid import GridSpec
+from compress.core.masks import check_nm
 
 SIDECAR = "compress_sparsity.json"
 
 
 def _require_compressed_tensors():
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("compressed_tensors") is None:
         raise UnsupportedModelError(
             "saving an RTN/GPTQ model needs compressed-tensors (the format transformers reloads): "
-            "pip install 'compress[quant]' (compressed-tensors==0.17.1)") from None
+            "pip install 'compress[quant]' (compressed-tensors==0.17.1)")
 
 
 def quantization_args(spec: GridSpec):
@@ -96,9 +97,6 @@ def save_compressed_tensors(model: nn.Module, out_dir, params: Dict[str, tuple],
 def sparsity_sidecar(weights: Dict[str, torch.Tensor], pattern: Optional[str]) -> Dict:
     """Pattern and zero counts per module (``[out, in]`` weights), and what ideal 2:4 storage would cost
     (half the values plus 2 bits of metadata per kept value)."""
-    from compress.config import parse_pattern
-    from compress.pruning.masks import check_nm
-
     nm = parse_pattern(pattern) if pattern else None
     mods = {}
     for name, w in weights.items():
@@ -109,24 +107,3 @@ def sparsity_sidecar(weights: Dict[str, torch.Tensor], pattern: Optional[str]) -
         mods[name] = entry
     return {"pattern": pattern or "dense", "modules": mods,
             "zeros": sum(m["zeros"] for m in mods.values()), "numel": sum(m["numel"] for m in mods.values())}
-
-
-@torch.no_grad()
-def weights_fingerprint(model: nn.Module, names) -> Dict:
-    """What a reload must reproduce exactly: a sha256 over the float32 weights the selected linears
-    compute with (bitsandbytes dequantized; signed zeros made +0, so that equal values hash equal: a
-    weight that rounds to -0.0 here is decoded as +0.0 from its integer code), in name order, and their
-    zero counts. A process that imports only torch and transformers can recompute it
-    (``benchmarks/reload_check.py``)."""
-    import hashlib
-
-    from compress.quant.bnb import dequantized_weight
-
-    h = hashlib.sha256()
-    zeros = {}
-    for name in sorted(names):
-        w = dequantized_weight(model.get_submodule(name)).float().contiguous().cpu() + 0.0  # -0.0 -> +0.0: values
-        h.update(name.encode())
-        h.update(w.numpy().tobytes())
-        zeros[name] = int(w.numel() - torch.count_nonzero(w))
-    return {"sha256": h.hexdigest(), "modules": sorted(names), "zeros": zeros}

@@ -1,15 +1,18 @@
 """Structured pruning: remove whole attention heads (GQA-aware), MLP channels or decoder blocks for real.
 
-* :mod:`compress.structured.groups`: the role map and the structural groups of a block;
-* :mod:`compress.structured.importance`: estimators (magnitude, activation, taylor, block), one interface;
-* :mod:`compress.structured.lora`: the LoRA estimator (LoRAPrune), a callback of the shared trainer;
-* :mod:`compress.structured.surgery`: planning, masking, physical removal, parameter and FLOP counts;
-* :mod:`compress.structured.stage`: the ``prune.method=structured`` stage.
+* :mod:`~compress.structured.config`: ``prune=structured`` (run by :mod:`compress.stages.structured`);
+* one module per importance, registered as kind ``importance``: :mod:`~compress.structured.magnitude`,
+  :mod:`~compress.structured.activation`, :mod:`~compress.structured.taylor`,
+  :mod:`~compress.structured.block` (depth), :mod:`~compress.structured.lora` (LoRAPrune);
+* :mod:`~compress.structured.scoring`: what importances share (group scores, the context);
+* :mod:`~compress.structured.surgery`: planning, masking, physical removal, parameter counts.
+
+The roles of a block's modules come from :mod:`compress.calibration.roles`. Every module of this
+package is imported here, so that a new importance is one new file.
 """
 
-from compress.structured.groups import ROLE_MAP, Roles, block_structure, roles_for
-from compress.structured.surgery import (Keep, load_pruned, mask_hooks, masked_logits, plan_widths, remove_blocks,
-                                         remove_width, select)
+import importlib
+import pkgutil
 
-__all__ = ["ROLE_MAP", "Roles", "block_structure", "roles_for", "Keep", "load_pruned", "mask_hooks", "masked_logits",
-           "plan_widths", "remove_blocks", "remove_width", "select"]
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

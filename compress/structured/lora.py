@@ -9,7 +9,7 @@ so ``Ĝ = s·(G_B A + B G_A - G_B G_A)`` (:func:`lora_grad_estimate`) stands in 
 forming the full gradient: its first two terms are s²·(G AᵀA + B Bᵀ G), the true gradient G projected
 on the LoRA subspaces. Each weight is scored ``((W + s·BA) ⊙ Ĝ)²`` (:func:`lora_weight_scores`; or its
 absolute value, or the group's signed sum squared: ``prune.lora_score``), summed
-per group and normalised per module (:func:`compress.structured.importance.group_scores`), and smoothed
+per group and normalised per module (:func:`compress.structured.scoring.group_scores`), and smoothed
 by an exponential moving average over steps.
 
 :class:`LoraPruneCallback` plugs into the shared trainer (``on_before_optimizer_step`` sees the complete
@@ -21,15 +21,23 @@ the cool-down on. Masked groups never come back. The frozen base may be fp32/bf1
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from compress.calibration.blocks import find_blocks
-from compress.structured.groups import ModelStructure
-from compress.structured.importance import attn_scores, group_scores
+from compress.calibration.roles import ModelStructure, block_structure
+from compress.core.modules import dense_weight
+from compress.data import packed_sequences
+from compress.registry import register
+from compress.structured.scoring import Importance, ImportanceContext, ImportanceMethod, attn_scores, group_scores
 from compress.structured.surgery import Keep, WidthPlan, zero_inputs_hook
+from compress.training import Trainer
 
 
 def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -41,12 +49,7 @@ def lora_grad_estimate(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: t
 def base_weight(layer) -> torch.Tensor:
     """The frozen base weight of a peft LoRA layer as a float ``[out, in]`` tensor (bitsandbytes dequantized)."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer.base_layer
-    w = base.weight
-    if w.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return w.detach().float()
-    from compress.quant.bnb import dequantized_weight
-
-    return dequantized_weight(base).float()
+    return dense_weight(base).detach().float()
 
 
 def lora_weight_scores(layer, adapter: str = "default", score: str = "element_sq") -> Optional[torch.Tensor]:
@@ -83,12 +86,10 @@ def cubic_fraction(step: int, total: int, warmup: float, cooldown: float) -> flo
 
 
 def _lora_layers(model: nn.Module, structure: ModelStructure) -> List[Dict[str, nn.Module]]:
-    """Per block, role -> the peft LoRA layer wrapping that role's linear (found by the role names)."""
+    """Per block, role -> the peft LoRA layer wrapping that role's linear (found by the role names; roles
+    of one fused module share its layer)."""
     _, blocks = find_blocks(model)
-    roles = structure.roles
-    names = {"q": roles.q, "k": roles.k, "v": roles.v, "o": roles.o, "up": roles.up, "down": roles.down}
-    if roles.gate:
-        names["gate"] = roles.gate
+    names = structure.pattern.roles
     out = []
     for block in blocks:
         d = {}
@@ -141,11 +142,14 @@ class LoraPruneCallback:
         if self.layers is None:
             self.attach(trainer.model)
         for i, (b, lay) in enumerate(zip(self.structure.blocks, self.layers)):
-            S = {}
+            S, per_layer = {}, {}
             for r, layer in lay.items():
-                s = lora_weight_scores(layer, score=self.score)
+                if id(layer) not in per_layer:  # a fused module's layer is scored once, then sliced per role
+                    per_layer[id(layer)] = lora_weight_scores(layer, score=self.score)
+                s = per_layer[id(layer)]
                 if s is not None:
-                    S[r] = s
+                    a, e = b.parts[r]
+                    S[r] = s[a:e]
             if not S:
                 continue
             new = group_scores(b, S, post=torch.square if self.score == "group_sq" else None)
@@ -221,3 +225,69 @@ class LoraPruneCallback:
             ch = [c for c in range(b.intermediate) if c not in self.removed_ch[i]]
             out.append(Keep(q, kv, ch))
         return out
+
+
+@register("importance", "lora", owns=("lora_steps", "lora_warmup", "lora_cooldown", "lora_ema", "lora_every",
+                                      "lora_base", "lora_score", "lora_r"))
+class LoraImportance(ImportanceMethod):
+    """LoRAPrune: groups scored from the LoRA factors and their gradients while LoRA fine-tunes, masked on a cubic schedule"""
+
+    needs_calibration = False  # it trains on the train group's text instead
+
+    def __call__(self, ictx: ImportanceContext) -> Importance:
+        """Train LoRA adapters with the estimator attached; merge them; return the kept groups."""
+        p, t = ictx.cfg, ictx.train_cfg
+        structure, model = ictx.structure, ictx.model
+        rank = p.lora_r or t.lora_r
+        alpha = t.lora_alpha * rank / t.lora_r  # the same scaling s = alpha / r as the train group's
+        tcfg = dataclasses.replace(t, method="lora" if p.lora_base == "fp" else "qlora",
+                                   qlora_bits=8 if p.lora_base == "8bit" else 4, max_steps=p.lora_steps,
+                                   eval_every=0, save_every=0, resume=None, distill=False, lora_targets=[r".*"],
+                                   lora_r=rank, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha)
+        ids, data_info = packed_sequences(ictx.tokenizer, tcfg.source, tcfg.seqlen)
+        cb = LoraPruneCallback(structure, ictx.plan, p.lora_steps, p.lora_warmup, p.lora_cooldown, p.lora_ema,
+                               p.lora_every, p.round_to, score=p.lora_score)
+        spill = None
+        if tcfg.method == "qlora":  # the full-precision weights wait on disk while the quantized base trains
+            spill = tempfile.TemporaryDirectory(prefix="compress-lora-fp-")
+            model.save_pretrained(spill.name, safe_serialization=True)
+        trainer = Trainer(model, tcfg, ids, out_dir=Path(ictx.out_dir) / "lora_importance", masks={},
+                          device=ictx.device, callbacks=[cb])
+        if spill is not None:
+            for prm in model.parameters():  # free them (the trainer holds its own quantized copy)
+                prm.data = torch.empty(0, dtype=prm.dtype, device=prm.device)
+        trained = trainer.fit()
+        cb.detach()
+        if tcfg.method == "qlora":  # merge s·BA into the full-precision weights of the original model
+            state = {}
+            for f in sorted(Path(spill.name).glob("*.safetensors")):
+                state.update(load_file(str(f), device=str(ictx.device)))
+            spill.cleanup()
+            params = dict(model.named_parameters())  # tied weights are one Parameter: restored once
+            missing = [n for n in params if n not in state and params[n].numel() == 0]
+            unexpected = [n for n in state if n not in params]
+            if missing or unexpected:
+                raise RuntimeError(f"reloading the full-precision weights: missing={missing} unexpected={unexpected}")
+            for n, tensor in state.items():
+                params[n].data = tensor
+            structure = block_structure(model)  # the modules now hold the reloaded weights
+            base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+            with torch.no_grad():
+                for b, lay in zip(structure.blocks, _lora_layers(base, structure)):
+                    done = set()
+                    for r, layer in lay.items():
+                        if id(layer) in done:  # a fused module: one layer for its roles
+                            continue
+                        done.add(id(layer))
+                        A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+                        w = b.modules[r].weight
+                        w.add_((s * (B.float() @ A.float())).to(w.dtype).to(w.device))
+            del trained
+        else:
+            model = trained  # merged (peft merge_and_unload keeps the original linears, weights updated)
+        info = {"steps": trainer.step, "tokens": trainer.step * tcfg.grad_accum * tcfg.micro_batch_size * tcfg.seqlen,
+                "base": p.lora_base, "lora_r": tcfg.lora_r, "lora_alpha": tcfg.lora_alpha, "lr": tcfg.lr,
+                "data": data_info, "schedule": cb.history[-3:],
+                "final_loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None)}
+        return Importance(keeps=cb.keeps(), model=model, info={"lora": info},
+                          sections={"lora_importance_history": trainer.history})

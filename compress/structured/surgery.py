@@ -10,7 +10,8 @@
   :func:`remove_blocks` drops whole blocks, renumbers ``layer_idx`` and trims per-layer config lists, so
   that a KV cache (which is built from the config) still lines up.
 
-All functions take the structure from :mod:`compress.structured.groups`; nothing here knows a family.
+All functions take the structure from :mod:`compress.calibration.roles` (fused projections included: a
+role is a row range of its module); nothing here knows a family.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from compress.calibration.blocks import find_blocks
-from compress.structured.groups import BlockStructure, ModelStructure, text_config
+from compress.calibration.roles import BlockStructure, ModelStructure, block_structure, dependent_parameters
+from compress.core.errors import UnsupportedModelError
+from compress.core.modules import text_config, unique_parameters
 
 
 @dataclass
@@ -59,34 +66,26 @@ class WidthPlan:
                     removed_params_per_block=self.removed_params, ratio=self.ratio)
 
 
-def _linear_params(m: nn.Linear) -> int:
-    return m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-
-
 def block_params(block: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in block.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
+    return sum(p.numel() for p in unique_parameters(block))
 
 
 def unit_params(b: BlockStructure, attn_unit: str) -> Tuple[int, int]:
     """Parameters removed with one attention unit and with one MLP channel (weights and biases)."""
-    m = b.modules
     hd = b.head_dim
-    per_q = hd * (m["q"].in_features + (1 if m["q"].bias is not None else 0)) + hd * m["o"].out_features
-    per_kv = hd * (m["k"].in_features + (1 if m["k"].bias is not None else 0)) \
-        + hd * (m["v"].in_features + (1 if m["v"].bias is not None else 0))
+
+    def row(r):  # parameters of one row of a role: its input columns and its bias entry
+        return b.in_features(r) + (1 if b.has_bias(r) else 0)
+
+    per_q = hd * row("q") + hd * b.modules["o"].out_features
+    per_kv = hd * row("k") + hd * row("v")
     if attn_unit == "kv_group":
         attn = b.group_size * per_q + per_kv
     elif attn_unit == "query_head":
         attn = b.n_kv * per_q  # one head inside every group
     else:
         attn = 0
-    ch = sum(m[r].in_features + (1 if m[r].bias is not None else 0) for r in ("gate", "up") if r in m) \
-        + m["down"].out_features
+    ch = sum(row(r) for r in ("gate", "up") if r in b.modules) + b.modules["down"].out_features
     return attn, ch
 
 
@@ -241,10 +240,13 @@ def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
 
 
 def remove_width_block(model: nn.Module, structure: ModelStructure, b: BlockStructure, k: Keep) -> Tuple[int, int, int]:
-    """Remove one block's heads and channels not in ``k`` (see :func:`remove_width`)."""
+    """Remove one block's heads and channels not in ``k`` (see :func:`remove_width`). Each module is sliced
+    once: a fused module keeps, per role in its rows, that role's kept rows."""
     roles = structure.roles
-    m = b.modules
-    if len(k.q_heads) < b.n_heads or len(k.kv_heads) < b.n_kv:
+    rows: Dict[str, torch.Tensor] = {}  # role -> kept rows within the role
+    cols: Dict[str, torch.Tensor] = {}  # role -> kept input columns
+    heads_change = len(k.q_heads) < b.n_heads or len(k.kv_heads) < b.n_kv
+    if heads_change:
         if len(k.q_heads) % max(1, len(k.kv_heads)):
             raise ValueError(f"block {b.index}: {len(k.q_heads)} query heads do not split into "
                              f"{len(k.kv_heads)} KV groups")
@@ -258,25 +260,40 @@ def remove_width_block(model: nn.Module, structure: ModelStructure, b: BlockStru
             raise ValueError(f"{structure.model_type}: its config has no head_dim field, so removing heads "
                              "would not reload with from_pretrained; prune MLP channels or blocks only "
                              "(prune.attn_unit=none)")
-        qr = _head_rows(k.q_heads, b.head_dim)
-        kvr = _head_rows(k.kv_heads, b.head_dim)
-        _slice_linear(m["q"], rows=qr)
-        _slice_linear(m["k"], rows=kvr)
-        _slice_linear(m["v"], rows=kvr)
-        _slice_linear(m["o"], cols=qr)
-        attn = model.get_submodule(f"{structure.blocks_name}.{b.index}.{roles.o.rsplit('.', 1)[0]}") \
-            if "." in roles.o else None
+        dep = dependent_parameters(model, structure, b, "attn")
+        if dep:
+            raise UnsupportedModelError(f"block {b.index}: {dep[:4]} are sized by the attention width; removing heads "
+                                        "would leave them the wrong size (prune.attn_unit=none keeps the heads)")
+        rows["q"] = cols["o"] = _head_rows(k.q_heads, b.head_dim)
+        rows["k"] = rows["v"] = _head_rows(k.kv_heads, b.head_dim)
+    if len(k.channels) < b.intermediate:
+        dep = dependent_parameters(model, structure, b, "mlp")
+        if dep:
+            raise UnsupportedModelError(f"block {b.index}: {dep[:4]} are sized by the MLP width; removing channels "
+                                        "would leave them the wrong size")
+        ch = torch.tensor(k.channels, dtype=torch.long)
+        for r in ("gate", "up"):
+            if r in b.modules:
+                rows[r] = ch
+        cols["down"] = ch
+    for rel, rs in b.module_roles().items():
+        if not any(r in rows or r in cols for r in rs):
+            continue
+        mod = b.modules[rs[0]]
+        if any(r in rows for r in rs):  # every role of a fused module: its kept rows, shifted to its part
+            sel = torch.cat([(rows[r] if r in rows else torch.arange(b.rows(r))) + b.parts[r][0] for r in rs])
+            _slice_linear(mod, rows=sel if sel.numel() < mod.out_features else None,
+                          cols=cols.get(rs[0]))
+        else:
+            _slice_linear(mod, cols=cols[rs[0]])
+    if heads_change:
+        attn = model.get_submodule(f"{structure.blocks_name}.{b.index}.{roles.attn_module}") if roles.attn_module \
+            else None
         if attn is not None:
             nh, nkv = len(k.q_heads), len(k.kv_heads)
             for a, v in (("num_heads", nh), ("num_key_value_heads", nkv), ("num_key_value_groups", nh // nkv)):
                 if a in roles.attn_attrs and hasattr(attn, a):
                     setattr(attn, a, v)
-    if len(k.channels) < b.intermediate:
-        ch = torch.tensor(k.channels, dtype=torch.long)
-        for r in ("gate", "up"):
-            if r in m:
-                _slice_linear(m[r], rows=ch)
-        _slice_linear(m["down"], cols=ch)
     return len(k.q_heads), len(k.kv_heads), len(k.channels)
 
 
@@ -320,13 +337,6 @@ def load_pruned(path, **kwargs) -> nn.Module:
     Non-uniform (``config.compress_layer_widths``): the model is built from its config, each block's linears
     are resized to its recorded widths, and the safetensors weights are loaded strictly (nothing
     re-initialised, nothing ignored)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from compress.structured.groups import block_structure
-
     cfg = AutoConfig.from_pretrained(path)
     per = getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, WIDTHS_KEY, None)
     if not per:
@@ -381,48 +391,9 @@ def remove_blocks(model: nn.Module, drop: Sequence[int]) -> Dict:
 
 
 # ---------------------------------------------------------------- counting
-def flops_per_token(model: nn.Module, seqlen: int, last_logits_only: bool = True) -> Dict:
-    """Analytic forward FLOPs per token of a prefill of ``seqlen`` tokens: 2 x every block linear's weights,
-    plus attention's scores and weighted sum, 2 x 2 x heads x head_dim x the mean causal context
-    ((seqlen + 1) / 2), plus the LM head (once per sequence with ``last_logits_only``, as a serving
-    engine computes it)."""
-    from compress.calibration import resolve_targets
-
-    lin = 0
-    for mod in resolve_targets(model).flat().values():
-        # from the shape, not the storage: a bitsandbytes weight is packed, but multiplies as in x out
-        n = mod.in_features * mod.out_features if hasattr(mod, "in_features") else mod.weight.numel()
-        lin += 2 * n
-    attn = 0
-    try:
-        st = block_structure_safe(model)
-    except Exception:
-        st = None
-    ctx = (seqlen + 1) / 2
-    if st is not None:
-        attn = sum(4 * b.n_heads * b.head_dim * ctx for b in st.blocks)
-    head = model.get_output_embeddings()
-    head_n = (head.in_features * head.out_features if hasattr(head, "in_features") else head.weight.numel()) \
-        if head is not None else 0
-    head_flops = 2 * head_n * ((1 / seqlen) if last_logits_only else 1)
-    return {"linear": lin, "attention": attn, "lm_head": head_flops, "total": lin + attn + head_flops, "seqlen": seqlen,
-            # False for an architecture outside the role map: its attention term is then not counted
-            "attention_counted": st is not None}
-
-
-def block_structure_safe(model):
-    from compress.structured.groups import block_structure
-
-    return block_structure(model)
-
-
 def count_params(model: nn.Module) -> Dict:
     _, blocks = find_blocks(model)
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    total = sum(p.numel() for p in unique_parameters(model))
     blk = sum(block_params(b) for b in blocks)
     return {"params_total": total, "params_blocks": blk, "blocks": len(blocks)}
 
@@ -458,7 +429,8 @@ def add_output_bias(model: nn.Module, structure: ModelStructure, comps: Sequence
     groups = {"o": (roles.attn_bias_key, ("q", "k", "v", "o")), "down": (roles.mlp_bias_key, ("gate", "up", "down"))}
     for role in need:
         key, members = groups[role]
-        missing = [m for b in structure.blocks for r, m in b.modules.items() if r in members and m.bias is None]
+        missing = list({id(m): m for b in structure.blocks for r, m in b.modules.items()
+                        if r in members and m.bias is None}.values())  # a fused module once
         if missing:
             if key is None or not hasattr(cfg, key):
                 raise ValueError(f"{structure.model_type}: {role} has no bias and the family has no config switch for one; "

@@ -1,0 +1,80 @@
+"""The stage contract: ``Stage.run(ctx) -> StageResult``.
+
+A stage (prune, structured, train, quant) gets a :class:`StageContext` (the config, the model, the
+tokenizer, the device, the run directory, and what earlier stages left in :class:`Facts`) and returns a
+:class:`StageResult`: the model as it left it, what it did (a short summary for the stage's entry in
+the record, its full report, metrics, protocol entries), what later stages may rely on, and how to save
+the model (a :class:`Saver`). A stage never writes the run record: :mod:`compress.experiment` does, from
+the result. A stage that compressed less than it was asked to raises
+:class:`~compress.core.errors.ShortfallError` carrying its (partial) result, which is recorded before
+the run fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Protocol, Tuple
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the stages so far left that later ones rely on (typed, not a free-form dict)."""
+
+    nm: Optional[Tuple[int, int]] = None  # an N:M pattern every pruned linear keeps (checked after quantizing)
+    structured: bool = False  # heads / channels / blocks were removed for real
+    flop_ratio_ceiling: Optional[float] = None  # dense / pruned analytic FLOPs (structured), for eval.speed
+    quantized: bool = False  # the linears lie on a grid (no further stage may move them off it)
+
+
+class Saver(Protocol):
+    """How to write the model as a stage left it, so that stock ``from_pretrained`` reloads it."""
+
+    format: str
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        """Write ``model`` into ``out_dir`` (safetensors only) and return what was written."""
+
+
+@dataclass
+class StageContext:
+    cfg: Any  # compress.config.Config
+    model: Any
+    tokenizer: Any
+    device: str
+    out_dir: Path
+    facts: Facts = field(default_factory=Facts)
+
+
+@dataclass
+class StageResult:
+    model: Any
+    summary: Dict = field(default_factory=dict)  # the stage's entry in results.json "stages"
+    sections: Dict[str, Any] = field(default_factory=dict)  # top-level record sections (e.g. "prune_report")
+    metrics: Dict = field(default_factory=dict)  # merged into results.json "metrics"
+    protocol: Dict = field(default_factory=dict)  # merged into results.json "protocol"
+    facts: Dict = field(default_factory=dict)  # fields of Facts this stage sets
+    saver: Optional[Saver] = None  # None: the model is saved with the previous stage's saver
+    printed: str = ""  # what the stage shows the user (its table)
+
+    def apply(self, facts: Facts) -> Facts:
+        return replace(facts, **self.facts) if self.facts else facts
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, ctx: StageContext) -> StageResult:
+        ...
+
+
+class PretrainedSaver:
+    """``save_pretrained`` with safetensors (dense, pruned, structurally pruned, bitsandbytes models)."""
+
+    format = "safetensors"
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        return {"format": self.format, "path": str(out_dir),
+                "bytes": sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))}

@@ -1,0 +1,304 @@
+"""The quant stage: quantize the selected linears, check, report what it costs and buys, and save in a
+format stock ``from_pretrained`` reloads.
+
+Grid quantizers (RTN, GPTQ, the joint SparseGPT + GPTQ) write the dequantized weights into the model
+(every quantized weight lies exactly on its grid; the grid parameters are kept for saving), so the
+in-memory model computes what the saved one will. A pruned model's zeros (and N:M pattern) are kept: each
+linear that already has real zeros is quantized with those weights held at zero, and the stage checks
+100% of them afterwards. Block transforms (``transform=awq``) run inside the same block loop, before each
+block's statistics. bitsandbytes swaps the selected linears for its own modules.
+
+Refuses before any work when the selection is empty or holds modules it cannot quantize; fails after
+it when fewer modules were quantized than selected, when a zero or an N:M group broke, or when a weight
+is off its grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from compress.calibration.targets import resolve_targets
+from compress.core.errors import ConfigError, ShortfallError, UnsupportedModelError
+from compress.core.grid import GridSpec, dequantize, expand, quantize
+from compress.core.masks import check_nm
+from compress.core.modules import dense_weight, unique_parameters, weight_matrix
+from compress.data import load_calibration
+from compress.quant.base import ModelQuantizer
+from compress.quant.export import save_compressed_tensors, sparsity_sidecar
+from compress.registry import get, spec_of
+from compress.schema import CalibConfig
+from compress.speed import dense_forward_seconds
+from compress.stages.base import PretrainedSaver, StageContext, StageResult
+from compress.stages.engine import linear_pass
+from compress.stages.prune import achieved_sparsity, verify_sparsity
+
+
+@dataclass
+class QuantReport:
+    method: str
+    bits: int
+    group_size: int
+    symmetric: bool
+    modules: List[Dict] = field(default_factory=list)
+    mode: Dict = field(default_factory=dict)
+    calibration: Dict = field(default_factory=dict)
+    check: Dict = field(default_factory=dict)
+    targets: Dict = field(default_factory=dict)
+    transforms: List[Dict] = field(default_factory=list)
+    seconds: float = 0.0
+    params: Dict[str, tuple] = field(default_factory=dict, repr=False)  # full name -> (scale, zero), for saving
+    spec: Optional[GridSpec] = field(default=None, repr=False)
+
+    def summary(self) -> Dict:
+        errs = [m["rel_error"] for m in self.modules if m.get("rel_error") is not None]
+        qn = sum(m["numel"] for m in self.modules)
+        bpw = (sum(m["bits_per_weight"] * m["numel"] for m in self.modules) / qn) if qn else None
+        out = {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+               "modules": len(self.modules), "quantized_params": qn, "bits_per_weight_quantized": bpw,
+               "mean_rel_error": sum(errs) / len(errs) if errs else None, "quant_seconds": round(self.seconds, 3),
+               "mode": self.mode.get("chosen"), "check_ok": self.check.get("ok")}
+        if any("target" in m for m in self.modules):  # a quantizer that also chose a mask (the joint method)
+            out["achieved_sparsity"] = achieved_sparsity(self.modules)
+        return out
+
+    def to_dict(self) -> Dict:
+        return {"summary": self.summary(), "mode": self.mode, "targets": self.targets, "check": self.check,
+                "calibration": self.calibration, "transforms": self.transforms, "modules": self.modules}
+
+    def table(self, max_rows: int = 10) -> str:
+        s = self.summary()
+        bpw = f"{s['bits_per_weight_quantized']:.3f}" if s["bits_per_weight_quantized"] else "-"
+        lines = [f"quant: {self.method} w{self.bits} {'g' + str(self.group_size) if self.group_size != -1 else 'per-channel'}"
+                 f" {'sym' if self.symmetric else 'asym'}: {len(self.modules)} modules, {bpw} bits/weight, "
+                 f"{self.seconds:.1f}s" + (f", sparsity {s['achieved_sparsity']:.4f}" if "achieved_sparsity" in s else "")]
+        errs = [m for m in self.modules if m.get("rel_error") is not None]
+        step = max(1, len(errs) // max_rows)
+        for m in errs[::step]:
+            lines.append(f"  {m['name']:<32} rel err {m['rel_error']:.4f}"
+                         + (f"  damping x{10 ** m['damping']['raised']}" if m.get("damping") else ""))
+        return "\n".join(lines)
+
+
+def check_zeros(before: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], nm=None) -> Dict:
+    """Every weight that was zero before the stage still zero, and the N:M pattern intact, in 100% of
+    the recorded modules (``weights``: name -> the ``[out, in]`` weights after the stage)."""
+    broken, nm_bad, groups = [], [], 0
+    for name, zero in before.items():
+        w = weights[name]
+        if bool((w[zero.to(w.device)] != 0).any()):
+            broken.append(name)
+        if nm is not None:
+            groups += w.shape[0] * (w.shape[1] // nm[1])
+            if not check_nm(w, *nm):
+                nm_bad.append(name)
+    return {"modules_with_zeros": len(before), "zeros": int(sum(int(z.sum()) for z in before.values())),
+            "zeros_kept": not broken, "broken": broken[:10], "nm_pattern": f"{nm[0]}:{nm[1]}" if nm else None,
+            "nm_groups": groups if nm else None, "nm_exact": (not nm_bad) if nm else None,
+            "ok": not broken and not nm_bad}
+
+
+@torch.no_grad()
+def check_on_grid(params: Dict[str, tuple], spec: GridSpec, weights: Dict[str, torch.Tensor], full: Dict[str, str]) -> Dict:
+    """Every quantized weight equals its own code dequantized: what a packed checkpoint will hold."""
+    off = []
+    for name, w in weights.items():
+        if full[name] not in params:
+            continue
+        scale, zero = params[full[name]]
+        # exact in float32; a 16-bit model holds the grid values rounded to its dtype
+        rtol = 0.0 if w.dtype == torch.float32 else torch.finfo(w.dtype).eps
+        w = w.detach().float().cpu()
+        s, z = expand(scale, spec, w.shape[1]), expand(zero, spec, w.shape[1])
+        deq = dequantize(quantize(w, s, z, spec.bits), s, z)
+        if not (torch.equal(deq, w) if rtol == 0 else torch.allclose(deq, w, rtol=rtol, atol=0)):
+            off.append(name)
+    return {"on_grid": not off, "off_grid": off[:10]}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig] = None, device=None,
+                   calib_ids: Optional[torch.Tensor] = None, nm=None, transforms=(), progress: bool = True):
+    """Quantize ``model`` with the quantizer ``cfg`` names (grid quantizers: in place; bitsandbytes: a new
+    model) and return ``(model, QuantReport)``. ``nm``: the N:M pattern of an earlier prune stage, checked
+    after quantization. ``transforms``: block transforms (their configs) run before each block's
+    statistics."""
+    t0 = time.perf_counter()
+    calib = calib or CalibConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    method = spec_of(cfg).impl(cfg)
+    targets = resolve_targets(model, cfg.targets, cfg.ignore).require("quantize")
+    report = QuantReport(cfg.method, cfg.bits, getattr(cfg, "group_size", -1), getattr(cfg, "symmetric", True))
+    report.targets = {"model_class": targets.model_class, "targets": list(targets.patterns),
+                      "ignore": list(targets.ignore), "modules": len(targets)}
+    flat = targets.flat()
+    full = dict(zip(flat, targets.qualified_names()))
+    zeros_before = {n: (weight_matrix(m) == 0).cpu() for n, m in flat.items()
+                    if float((weight_matrix(m) == 0).float().mean()) > 0.01}
+
+    if isinstance(method, ModelQuantizer):
+        model = method.quantize(model, list(full.values()), device)
+        bpw = cfg.bits_per_weight()
+        report.modules = [{"name": n, "type": type(model.get_submodule(full[n])).__name__,
+                           "numel": int(flat[n].weight.numel()), "bits_per_weight": bpw, "rel_error": None} for n in flat]
+        report.mode = {"chosen": "bitsandbytes", "config": method.config.to_dict()}
+        weights = {n: dense_weight(model.get_submodule(full[n])) for n in flat}
+    else:
+        bad = [f"{n} ({weight_matrix(m).shape[1]} inputs)" for n, m in flat.items()
+               if cfg.group_size != -1 and weight_matrix(m).shape[1] % cfg.group_size]
+        if bad:
+            raise UnsupportedModelError(f"quant.group_size={cfg.group_size} does not divide the input width of {bad[:6]}")
+        tfs = [get("transform", t.method).impl(t, method.spec) for t in transforms]
+        for t in tfs:
+            t.prepare(model)
+        needs_calib = method.needs_calibration or bool(tfs)
+        if needs_calib and calib_ids is None:
+            calib_ids, report.calibration = load_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
+                                                             calib.seed, calib.text_field)
+        elif needs_calib:
+            report.calibration = {"nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "given": True}
+        own_nm = getattr(cfg, "nm", None)  # a quantizer that also chooses an N:M mask (the joint method)
+        sparsity = float(getattr(cfg, "sparsity", 0.0) or 0.0)
+        done = linear_pass(model, method, cfg, targets, calib_ids if needs_calib else None,
+                           sparsities=[sparsity] * len(targets.per_block), nm=own_nm, batch_size=calib.batch_size,
+                           device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant")
+        report.modules, report.mode, report.params, report.spec = done.modules, done.mode, done.params, done.spec
+        report.transforms = done.transforms
+        weights = {n: weight_matrix(m) for n, m in flat.items()}
+        missing = [n for n in flat if n not in {m["name"] for m in report.modules}]
+        if missing:
+            raise ShortfallError(f"quantize: {targets.describe()}: quantized {len(flat) - len(missing)} of the "
+                                 f"{len(flat)} selected modules (never reached by the calibration forward: "
+                                 f"{missing[:6]})", result=report)
+        nm = nm or own_nm
+    report.check = check_zeros(zeros_before, weights, nm)
+    if any("target" in m for m in report.modules):  # the joint method: its own sparsity target, as a prune stage
+        sp = verify_sparsity(report.modules, cfg.pattern, list(flat))
+        report.check.update(sparsity=sp)
+        report.check["ok"] = report.check["ok"] and sp["ok"]
+    if report.spec is not None:
+        report.check.update(check_on_grid(report.params, report.spec, weights, full))
+        report.check["ok"] = report.check["ok"] and report.check["on_grid"]
+    report.seconds = time.perf_counter() - t0
+    if not report.check["ok"]:
+        raise ShortfallError(f"quantize: the check failed (zeros kept, N:M, sparsity target, on grid): {report.check}",
+                             result=report)
+    return model, report
+
+
+def packed_footprint(model: nn.Module, report: QuantReport) -> Dict:
+    """Bytes of the model as stored: quantized linears at their bits per weight (codes, scales, zero
+    points), every other tensor at its own size; beside the same model in fp32."""
+    if report.method == "bnb":
+        return {"footprint_packed_mb": float(model.get_memory_footprint()) / 2**20, "footprint_fp32_mb": None,
+                "quantized_params": sum(m["numel"] for m in report.modules), "bits_per_weight_model": None}
+    flat = resolve_targets(model).flat()
+    qids = {id(flat[m["name"]].weight) for m in report.modules if m["name"] in flat}
+    fp32 = stored = 0.0
+    params = list(unique_parameters(model))
+    for p in params:
+        fp32 += p.numel() * 4
+        if id(p) not in qids:
+            stored += p.numel() * p.element_size()
+    stored += sum(m["numel"] * m["bits_per_weight"] / 8 for m in report.modules)
+    return {"footprint_packed_mb": stored / 2**20, "footprint_fp32_mb": fp32 / 2**20,
+            "quantized_params": sum(m["numel"] for m in report.modules),
+            "bits_per_weight_model": stored * 8 / sum(p.numel() for p in params)}
+
+
+class CompressedTensorsSaver:
+    """RTN / GPTQ / joint models as compressed-tensors ``pack-quantized`` (integer codes, scales, zero
+    points), with the sparsity sidecar; stock ``from_pretrained`` reloads them."""
+
+    format = "compressed-tensors pack-quantized"
+
+    def __init__(self, report: QuantReport, targets, ignore, nm):
+        self.params, self.targets, self.ignore, self.nm = report.params, targets, ignore, nm
+        s = report.spec
+        self.spec = GridSpec(s.bits, s.symmetric, s.group_size)
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        flat = resolve_targets(model, self.targets, self.ignore)
+        weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else None
+        return save_compressed_tensors(model, out_dir, self.params, self.spec, tokenizer,
+                                       sidecar=sparsity_sidecar(weights, pattern))
+
+
+class DequantizedSaver(PretrainedSaver):
+    """The working alternative when a packed checkpoint does not reload: the dequantized weights with
+    ``save_pretrained`` (they are exactly the grid values) and the quantization recorded beside them in
+    ``compress_quantization.json`` (bits, group size, symmetry, per-module scale shapes)."""
+
+    format = "safetensors (dequantized grid values; quantization in compress_quantization.json)"
+
+    def __init__(self, report: QuantReport):
+        self.report = report
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        import json
+
+        out = super().save(model, tokenizer, out_dir)
+        s = self.report.spec
+        (Path(out_dir) / "compress_quantization.json").write_text(json.dumps(
+            {"method": self.report.method, "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+             "modules": {n: list(sc.shape) for n, (sc, _) in self.report.params.items()}}, indent=1))
+        return dict(out, format=self.format)
+
+
+class QuantStage:
+    """``quant=<quantizer>`` (with ``transform=<block transform>``): see the module docstring."""
+
+    name = "quant"
+
+    @staticmethod
+    def precheck(cfg, meta) -> None:
+        """Before any weight is read: a grid's group size must divide the input width of every selected linear
+        (widths from the model built on the meta device)."""
+        q = cfg.quant
+        if getattr(q, "group_size", -1) == -1:
+            return
+        widths = {n: weight_matrix(m).shape[1] for n, m in resolve_targets(meta, q.targets, q.ignore).flat().items()}
+        bad = sorted({n.split(".", 1)[1]: w for n, w in widths.items() if w % q.group_size}.items())
+        if bad:
+            ok = [g for g in (16, 32, 64, 128, 256, 512) if all(w % g == 0 for w in widths.values())]
+            raise ConfigError(f"quant.group_size={q.group_size} does not divide the input width of "
+                              + ", ".join(f"{n} ({w})" for n, w in bad[:8])
+                              + f". Group sizes that divide every width: {ok or 'none'}; or -1 (per channel).")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg, calib = ctx.cfg.quant, ctx.cfg.calib
+        ids, cal_info = load_calibration(ctx.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
+                                         calib.text_field)
+        fwd = dense_forward_seconds(ctx.model, ids, calib.batch_size)  # the yardstick of this stage's time
+        transforms = [ctx.cfg.transform] if ctx.cfg.transform.method != "none" else []
+        t0 = time.perf_counter()
+        try:
+            model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
+                                           nm=ctx.facts.nm, transforms=transforms)
+        except ShortfallError as e:
+            if isinstance(e.result, QuantReport):
+                e.result = StageResult(ctx.model, summary={"check": e.result.check},
+                                       sections={"quant_report": e.result.to_dict()})
+            raise
+        seconds = time.perf_counter() - t0
+        report.calibration = cal_info if report.mode.get("chosen") in ("single_pass", "two_pass") else {}
+        sizes = packed_footprint(model, report)
+        summary = dict(report.summary(), **sizes, forward_seconds=round(fwd, 3), x_forward=round(seconds / fwd, 3),
+                       check=report.check)
+        metrics = {k: v for k, v in sizes.items() if v is not None}
+        metrics.update(bits_per_weight=report.summary()["bits_per_weight_quantized"], quant_check=report.check)
+        if report.spec is not None:
+            saver = CompressedTensorsSaver(report, cfg.targets, cfg.ignore, ctx.facts.nm or getattr(cfg, "nm", None))
+            saver.fallback = DequantizedSaver(report)
+        else:
+            saver = PretrainedSaver()  # bitsandbytes: transformers' own 8/4-bit serialization
+        return StageResult(model, summary=summary, sections={"quant_report": report.to_dict()}, metrics=metrics,
+                           protocol={"calibration": cal_info} if report.calibration else {},
+                           facts={"quantized": True, "nm": ctx.facts.nm or getattr(cfg, "nm", None)},
+                           saver=saver, printed=report.table())
