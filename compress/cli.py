@@ -192,7 +192,7 @@ def main(argv=None) -> None:
         print("\nHydra options follow.\n")
     import hydra
 
-    if not any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+    if not any(a.startswith("-") for a in argv):  # a sweep, or Hydra flags (-cn, -cd, --cfg): Hydra checks them
         precheck(argv)
     register_configs()
     register_recipes()

@@ -50,7 +50,7 @@ class Config:
             if not isinstance(cfg, MethodConfig):
                 raise ConfigError(f"{group} must be a method's config (compress {group}=<method>), got {cfg!r}")
             spec = spec_of(cfg, group)
-            if spec.kind != group or not isinstance(cfg, spec.config):
+            if spec.kind != group or type(cfg) is not spec.config:
                 raise ConfigError(f"{group}.method={cfg.method!r} does not match its config {type(cfg).__name__}: "
                                   f"choose the method with the group option, compress {group}={cfg.method}")
         order = list(self.stages)
@@ -67,6 +67,10 @@ class Config:
             raise ConfigError(f"stages={order} runs {', '.join(after)} after quantizing: not supported (it would move "
                               "the quantized weights off their grid; adapters on a quantized base would have to stay "
                               "unmerged). Put quant last, e.g. stages=[prune, train, quant]")
+        if getattr(self.quant, "sparsity", None) is not None and self.prune.method != "none":
+            raise ConfigError(f"quant={self.quant.method} chooses its own mask (quant.sparsity, quant.pattern) and "
+                              f"would discard prune={self.prune.method}'s zeros: use one of them (the two-pass form is "
+                              "prune=sparsegpt quant=gptq, which keeps the pruned zeros)")
         if self.transform.method != "none":
             if self.quant.method == "none" or not hasattr(self.quant, "group_size"):
                 raise ConfigError(f"transform={self.transform.method} runs inside the quant stage before a grid "

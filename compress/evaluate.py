@@ -90,8 +90,8 @@ def flops_per_token(model, seqlen: int, last_logits_only: bool = True) -> Dict:
     shapes = [linear_shape(m) for m in resolve_targets(model).flat().values()]
     try:
         attention = [(b.n_heads, b.head_dim) for b in block_structure(model).blocks]
-    except UnsupportedModelError:  # an architecture no role pattern covers: its attention term is not counted
-        attention = None
+    except (UnsupportedModelError, AttributeError, TypeError, ValueError):
+        attention = None  # no role pattern covers the blocks (or their config lacks a size): attention not counted
     head = model.get_output_embeddings()
     head_n = (head.in_features * head.out_features if hasattr(head, "in_features") else head.weight.numel()) \
         if head is not None else 0

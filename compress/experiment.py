@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 from compress.calibration.targets import resolve_targets
 from compress.config import Config
 from compress.core.config import dataset_key
-from compress.core.errors import SaveError, ShortfallError
+from compress.core.errors import CompressError, SaveError
 from compress.core.modules import weights_fingerprint
 from compress.core.runtime import resolve_device, scoped_torch_flags, seed_everything
 from compress.evaluate import flops_metrics, perplexity, size_metrics
@@ -34,6 +35,7 @@ from compress.reload import verify_saved
 from compress.registry import NoneConfig
 from compress.speed import prefill_throughput, semi_structured_available, serving_speed, to_semi_structured
 from compress.stages import STAGES, PretrainedSaver, StageContext, StageResult
+from compress.stages.structured import save_probe_logits
 
 REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
 
@@ -137,17 +139,18 @@ def save_into(rec: RunRecord, ctx: StageContext, saver, save_to: Path, info: Dic
     the working alternative is saved instead (recorded as such); else the run fails, naming the cause."""
     out = saver.save(ctx.model, ctx.tokenizer, save_to)
     out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
+    if ctx.facts.structured:  # logits on a fixed probe beside the model, for a logit-by-logit reload check
+        out["probe"] = save_probe_logits(ctx.model, Path(save_to).parent / "probe_logits.safetensors")
     info.update(out)
-    rec.save()
     if not ctx.cfg.output.verify_reload:
         info["reload"] = {"verified": False, "why": "output.verify_reload=false"}
         return
-    loader = getattr(saver, "loader", None)
-    check = verify_saved(save_to, out["fingerprint"], loader=loader(ctx.model) if callable(loader) else loader)
+    check = verify_saved(save_to, out["fingerprint"], loader=ctx.facts.loader)
     info["reload"] = check
     if check["ok"]:
         return
     failed = save_to.with_name(save_to.name + ".does-not-reload")
+    shutil.rmtree(failed, ignore_errors=True)  # left by an earlier failed run in this directory
     os.replace(save_to, failed)
     fallback = getattr(saver, "fallback", None)
     cause = check.get("error") or "the reloaded weights differ from the saved ones"
@@ -327,7 +330,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
                     info["stage"] = stage.name
                 try:
                     result = stage.run(ctx)
-                except ShortfallError as e:  # what it did is recorded before the stage fails
+                except CompressError as e:  # what it did is recorded before the stage fails
                     if isinstance(e.result, StageResult):
                         write_result(rec, info, e.result)
                     raise
@@ -340,7 +343,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             try:
                 with rec.stage("save", saver.format) as info:
                     save_into(rec, ctx, saver, out_dir / "model", info)
-            except SaveError as e:  # recorded as failed; the evaluation still runs, then the run fails
+            except CompressError as e:  # recorded as failed; the evaluation still runs, then the run fails
                 save_failed = e
         with scoped_torch_flags():
             final_evals(rec, ctx)

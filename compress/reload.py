@@ -114,6 +114,8 @@ def _child(model_dir: Path, job: Dict, timeout: float = 1800) -> Dict:
     try:
         p = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), f.name], capture_output=True, text=True,
                            cwd=tempfile.gettempdir(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the reload did not finish within {timeout:.0f} s"}
     finally:
         Path(f.name).unlink(missing_ok=True)
     if p.returncode:

@@ -336,7 +336,7 @@ def test_save_reload_same_ppl(tiny_model, calib_ids, tmp_path):
 
 
 def test_corrected_target_is_least_squares():
-    from compress.pruning.sparsegpt import corrected_target
+    from compress.core.linalg import corrected_target
 
     g = torch.Generator().manual_seed(0)
     xd = torch.randn(512, 32, generator=g)

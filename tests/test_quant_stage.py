@@ -294,13 +294,24 @@ def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern, act_
     assert rep["check"]["nm_exact"] is (True if pattern == "2:4" else None)
 
 
+def _retyped(method):
+    """A joint config whose method key says another quantizer (what a hand-edited config.yaml could hold)."""
+    cfg = quant_config(method="sparsegpt_gptq")
+    cfg.method = method
+    return cfg
+
+
 def test_joint_method_is_checked_where_it_cannot_apply():
     """The joint method is its own quantizer: with a prune stage before it, or keys of another method, it
     is refused by name; its N:M groups must fit in its quant groups."""
     with pytest.raises(ConfigError, match="quant.joint is not a key of quant=gptq"):
         quant_config(method="gptq", joint=True)
-    with pytest.raises(ConfigError, match="quant.reconstruct_epochs is not a key of quant=sparsegpt_gptq"):
-        quant_config(method="sparsegpt_gptq", reconstruct_epochs=1)
+    with pytest.raises(ConfigError, match="off their grid"):
+        quant_config(method="sparsegpt_gptq", reconstruct_epochs=1, sequential="true")
+    with pytest.raises(ConfigError, match="would discard prune=wanda's zeros"):
+        Config(prune=prune_config(method="wanda"), quant=quant_config(method="sparsegpt_gptq"))
+    with pytest.raises(ConfigError, match="quant.method='gptq' does not match"):
+        Config(quant=_retyped("gptq"))
     with pytest.raises(ConfigError, match="group_size to be a multiple of 8"):
         quant_config(method="sparsegpt_gptq", pattern="4:8", group_size=4)
     with pytest.raises(ConfigError, match="runs train after quantizing"):
@@ -344,3 +355,16 @@ def test_a_checkpoint_that_does_not_reload_is_never_ok(tmp_path):
     assert json.loads((d2 / "model" / "compress_quantization.json").read_text())["bits"] == 4
     check = _reload_check(d2)
     assert check["ok"] and check["weights_equal"] and check["ppl_rel_diff"] <= 1e-4, check
+
+
+def test_joint_method_takes_a_sparsity_schedule(tiny_model, calib_ids):
+    """OWL's per-block sparsity for the joint method, as for a prune stage: blocks get different targets, each
+    reached, the mean at the target, every weight on its grid."""
+    model = tiny_model("qwen2")
+    cfg = quant_config(method="sparsegpt_gptq", sparsity=0.5, schedule="owl", owl_lambda=0.1, owl_m=3, bits=4,
+                       group_size=32, blocksize=32)
+    model, rep = quantize_model(model, None, cfg, calib_ids=calib_ids, progress=False)
+    assert rep.layer_sparsities is not None and len(set(rep.layer_sparsities)) == 2
+    assert sum(rep.layer_sparsities) / 2 == pytest.approx(0.5, abs=1e-6)
+    assert rep.check["ok"] and rep.check["sparsity"]["ok"] and rep.check["on_grid"]
+

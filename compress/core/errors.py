@@ -2,7 +2,12 @@
 
 
 class CompressError(RuntimeError):
-    """Base class: something the user can act on, said in words."""
+    """Base class: something the user can act on, said in words. ``result``: what the failing stage did
+    (a :class:`compress.stages.base.StageResult`, or a method's report), recorded before the run fails."""
+
+    def __init__(self, message: str = "", result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class ConfigError(ValueError):
@@ -16,10 +21,6 @@ class UnsupportedModelError(CompressError):
 class ShortfallError(CompressError):
     """A stage compressed nothing, or less than it was asked to. ``result`` holds what it did (a
     :class:`compress.stages.base.StageResult` when raised by a stage, else the method's report)."""
-
-    def __init__(self, message: str, result=None):
-        super().__init__(message)
-        self.result = result
 
 
 class SaveError(CompressError):

@@ -71,3 +71,20 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, damp_mode: str = "
         del L
     raise NotPositiveDefinite(f"the Hessian ({n} x {n}) is not positive definite even with the damping raised "
                               f"to {percdamp * 10 ** (MAX_ATTEMPTS - 1):g} x its mean diagonal")
+
+
+@torch.no_grad()
+def corrected_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float, damp_mode: str = "mean"):
+    """Least-squares weight that maps the pruned model's inputs to the dense model's outputs:
+    ``argmin_V ||W X_d - V X_p||`` = ``W G H^-1`` with ``G = X_d^T X_p`` and ``H = X_p^T X_p`` (damped as in
+    SparseGPT). Pruning this target with the usual OBS objective on ``H`` then minimises the error against
+    the dense outputs, so errors from earlier layers are corrected instead of copied."""
+    diag = torch.diagonal(H)
+    damp = percdamp * (diag.mean() if damp_mode == "mean" else diag.median())
+    Hd = H.clone()
+    Hd.diagonal().add_(damp)
+    dead = diag == 0
+    Hd[dead, dead] = 1
+    L = torch.linalg.cholesky(Hd)
+    rhs = (W.float() @ G).t()  # [in, out]
+    return torch.cholesky_solve(rhs, L).t()

@@ -10,7 +10,7 @@ import torch
 from compress.calibration.loop import LinearResult
 from compress.calibration.obs import OBSConfig, obs_compress
 from compress.core.errors import ConfigError
-from compress.core.linalg import damped_inverse_cholesky
+from compress.core.linalg import corrected_target, damped_inverse_cholesky
 from compress.pruning.base import CalibratedMaskConfig, MaskMethod
 from compress.registry import register
 
@@ -41,23 +41,6 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optio
     diagonal) are zeroed first. ``hinv``: the damped inverse factor precomputed for this H."""
     U = hinv if hinv is not None else damped_inverse_cholesky(H, percdamp, damp_mode)[0]
     return obs_compress(W, U, blocksize, sparsity=sparsity, nm=nm, dead=torch.diagonal(H) == 0).weight
-
-
-@torch.no_grad()
-def corrected_target(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, percdamp: float, damp_mode: str = "mean"):
-    """Least-squares weight that maps the pruned model's inputs to the dense model's outputs:
-    ``argmin_V ||W X_d - V X_p||`` = ``W G H^-1`` with ``G = X_d^T X_p`` and ``H = X_p^T X_p`` (damped as in
-    SparseGPT). Pruning this target with the usual OBS objective on ``H`` then minimises the error against
-    the dense outputs, so errors from earlier layers are corrected instead of copied."""
-    diag = torch.diagonal(H)
-    damp = percdamp * (diag.mean() if damp_mode == "mean" else diag.median())
-    Hd = H.clone()
-    Hd.diagonal().add_(damp)
-    dead = diag == 0
-    Hd[dead, dead] = 1
-    L = torch.linalg.cholesky(Hd)
-    rhs = (W.float() @ G).t()  # [in, out]
-    return torch.cholesky_solve(rhs, L).t()
 
 
 @register("prune", "sparsegpt", SparseGPTConfig)

@@ -22,7 +22,10 @@ class Facts:
     """What the stages so far left that later ones rely on (typed, not a free-form dict)."""
 
     nm: Optional[Tuple[int, int]] = None  # an N:M pattern every pruned linear keeps (checked after quantizing)
-    structured: bool = False  # heads / channels / blocks were removed for real
+    pattern: Optional[str] = None  # the sparsity pattern a mask method left ("unstructured", "2:4")
+    structured: bool = False  # heads / channels / blocks were removed for real (saved with probe logits)
+    # "module:function" that reloads a checkpoint stock from_pretrained refuses by design (non-uniform widths)
+    loader: Optional[str] = None
     flop_ratio_ceiling: Optional[float] = None  # dense / pruned analytic FLOPs (structured), for eval.speed
     quantized: bool = False  # the linears lie on a grid (no further stage may move them off it)
 

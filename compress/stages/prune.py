@@ -192,5 +192,6 @@ class PruneStage:
         if report.mode:
             summary.update(mode=report.mode["chosen"], mode_decision=report.mode)
         return StageResult(ctx.model, summary=summary, sections={"prune_report": report.to_dict()},
-                           protocol={"calibration": report.calibration}, facts={"nm": ctx.cfg.prune.nm},
+                           protocol={"calibration": report.calibration},
+                           facts={"nm": ctx.cfg.prune.nm, "pattern": ctx.cfg.prune.pattern},
                            saver=PretrainedSaver(), printed=report.table())

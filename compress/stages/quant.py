@@ -36,6 +36,7 @@ from compress.schema import CalibConfig
 from compress.speed import dense_forward_seconds
 from compress.stages.base import PretrainedSaver, StageContext, StageResult
 from compress.stages.engine import linear_pass
+from compress.pruning.schedule import layer_sparsities
 from compress.stages.prune import achieved_sparsity, verify_sparsity
 
 
@@ -51,6 +52,7 @@ class QuantReport:
     check: Dict = field(default_factory=dict)
     targets: Dict = field(default_factory=dict)
     transforms: List[Dict] = field(default_factory=list)
+    layer_sparsities: Optional[List[float]] = None  # a quantizer that chooses a mask: its schedule
     seconds: float = 0.0
     params: Dict[str, tuple] = field(default_factory=dict, repr=False)  # full name -> (scale, zero), for saving
     spec: Optional[GridSpec] = field(default=None, repr=False)
@@ -69,7 +71,8 @@ class QuantReport:
 
     def to_dict(self) -> Dict:
         return {"summary": self.summary(), "mode": self.mode, "targets": self.targets, "check": self.check,
-                "calibration": self.calibration, "transforms": self.transforms, "modules": self.modules}
+                "calibration": self.calibration, "transforms": self.transforms,
+                "layer_sparsities": self.layer_sparsities, "modules": self.modules}
 
     def table(self, max_rows: int = 10) -> str:
         s = self.summary()
@@ -144,7 +147,7 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
     if isinstance(method, ModelQuantizer):
         model = method.quantize(model, list(full.values()), device)
         bpw = cfg.bits_per_weight()
-        report.modules = [{"name": n, "type": type(model.get_submodule(full[n])).__name__,
+        report.modules = [{"name": full[n], "type": type(model.get_submodule(full[n])).__name__,
                            "numel": int(flat[n].weight.numel()), "bits_per_weight": bpw, "rel_error": None} for n in flat]
         report.mode = {"chosen": "bitsandbytes", "config": method.config.to_dict()}
         weights = {n: dense_weight(model.get_submodule(full[n])) for n in flat}
@@ -163,9 +166,14 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
         elif needs_calib:
             report.calibration = {"nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "given": True}
         own_nm = getattr(cfg, "nm", None)  # a quantizer that also chooses an N:M mask (the joint method)
-        sparsity = float(getattr(cfg, "sparsity", 0.0) or 0.0)
+        sparsities = None
+        if hasattr(cfg, "schedule"):  # its own per-block sparsity, as a prune stage's
+            sparsities = layer_sparsities(cfg, len(targets.per_block), model=model, calib_ids=calib_ids,
+                                          batch_size=calib.batch_size, device=device, offload=cfg.offload,
+                                          progress=progress)
+            report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
         done = linear_pass(model, method, cfg, targets, calib_ids if needs_calib else None,
-                           sparsities=[sparsity] * len(targets.per_block), nm=own_nm, batch_size=calib.batch_size,
+                           sparsities=sparsities, nm=own_nm, batch_size=calib.batch_size,
                            device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant")
         report.modules, report.mode, report.params, report.spec = done.modules, done.mode, done.params, done.spec
         report.transforms = done.transforms
@@ -217,17 +225,16 @@ class CompressedTensorsSaver:
 
     format = "compressed-tensors pack-quantized"
 
-    def __init__(self, report: QuantReport, targets, ignore, nm):
-        self.params, self.targets, self.ignore, self.nm = report.params, targets, ignore, nm
+    def __init__(self, report: QuantReport, targets, ignore, pattern: Optional[str]):
+        self.params, self.targets, self.ignore, self.pattern = report.params, targets, ignore, pattern
         s = report.spec
         self.spec = GridSpec(s.bits, s.symmetric, s.group_size)
 
     def save(self, model, tokenizer, out_dir: Path) -> Dict:
         flat = resolve_targets(model, self.targets, self.ignore)
         weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
-        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else None
         return save_compressed_tensors(model, out_dir, self.params, self.spec, tokenizer,
-                                       sidecar=sparsity_sidecar(weights, pattern))
+                                       sidecar=sparsity_sidecar(weights, self.pattern))
 
 
 class DequantizedSaver(PretrainedSaver):
@@ -283,7 +290,7 @@ class QuantStage:
                                            nm=ctx.facts.nm, transforms=transforms)
         except ShortfallError as e:
             if isinstance(e.result, QuantReport):
-                e.result = StageResult(ctx.model, summary={"check": e.result.check},
+                e.result = StageResult(ctx.model, summary={"check": e.result.check, "forward_seconds": round(fwd, 3)},
                                        sections={"quant_report": e.result.to_dict()})
             raise
         seconds = time.perf_counter() - t0
@@ -293,12 +300,14 @@ class QuantStage:
                        check=report.check)
         metrics = {k: v for k, v in sizes.items() if v is not None}
         metrics.update(bits_per_weight=report.summary()["bits_per_weight_quantized"], quant_check=report.check)
+        pattern = ctx.facts.pattern or getattr(cfg, "pattern", None)
         if report.spec is not None:
-            saver = CompressedTensorsSaver(report, cfg.targets, cfg.ignore, ctx.facts.nm or getattr(cfg, "nm", None))
+            saver = CompressedTensorsSaver(report, cfg.targets, cfg.ignore, pattern)
             saver.fallback = DequantizedSaver(report)
         else:
             saver = PretrainedSaver()  # bitsandbytes: transformers' own 8/4-bit serialization
         return StageResult(model, summary=summary, sections={"quant_report": report.to_dict()}, metrics=metrics,
                            protocol={"calibration": cal_info} if report.calibration else {},
-                           facts={"quantized": True, "nm": ctx.facts.nm or getattr(cfg, "nm", None)},
+                           facts={"quantized": True, "nm": ctx.facts.nm or getattr(cfg, "nm", None),
+                                  "pattern": pattern},
                            saver=saver, printed=report.table())

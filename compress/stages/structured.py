@@ -37,26 +37,9 @@ from compress.structured.surgery import (WIDTHS_KEY, add_output_bias, bias_compe
 TOLERANCE = 0.015  # achieved ratio may fall short of the target by rounding to whole heads/channels/blocks only
 
 
-class StructuredSaver(PretrainedSaver):
-    """``save_pretrained``, plus the in-memory model's logits on a fixed probe saved beside the model
-    (``probe_logits.safetensors``), so that a reload can be compared logit by logit. Non-uniform widths
-    (``prune.uniform=false``) reload with :func:`compress.structured.surgery.load_pruned` only: stock
-    ``from_pretrained`` builds every layer from one config and refuses them, by design (the reload check
-    says which loader it used)."""
-
-    @staticmethod
-    def loader(model):
-        return None if getattr(text_config(model), WIDTHS_KEY, None) is None else \
-            "compress.structured.surgery:load_pruned"
-
-    def save(self, model, tokenizer, out_dir: Path) -> Dict:
-        out = super().save(model, tokenizer, out_dir)
-        out["probe"] = save_probe_logits(model, Path(out_dir).parent / "probe_logits.safetensors")
-        return out
-
-
 def save_probe_logits(model, path: Path, batch: int = 2, seqlen: int = 64, keep: int = 8) -> Dict:
-    """The model's logits on fixed random token ids (the last ``keep`` positions), saved to ``path``."""
+    """The model's logits on fixed random token ids (the last ``keep`` positions), saved to ``path``: the save
+    step writes them beside a structurally pruned model, so that a reload is compared logit by logit."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g)
     dev = next(model.parameters()).device
@@ -160,9 +143,13 @@ class StructuredStage:
                    f"({achieved:.4f}; target {p.ratio}); total {before['params_total']:,} -> {after['params_total']:,}; "
                    f"FLOPs/token at seq {seqlen}: {flops_before['total'] / 1e6:.1f}M -> {flops_after['total'] / 1e6:.1f}M "
                    f"(ceiling {record['flop_ratio_ceiling']:.3f}x)")
+        # non-uniform widths reload with load_pruned only: stock from_pretrained builds every layer from one
+        # config and refuses them, by design (the save step's reload check uses that loader and says so)
+        loader = "compress.structured.surgery:load_pruned" if getattr(text_config(model), WIDTHS_KEY, None) else None
         result = StageResult(model, summary=dict(record), sections=sections, protocol=protocol,
-                             facts={"structured": True, "flop_ratio_ceiling": record["flop_ratio_ceiling"]},
-                             saver=StructuredSaver(), printed=printed)
+                             facts={"structured": True, "flop_ratio_ceiling": record["flop_ratio_ceiling"],
+                                    "loader": loader},
+                             saver=PretrainedSaver(), printed=printed)
         if removed <= 0 or achieved < float(p.ratio) - TOLERANCE:
             raise ShortfallError(f"structured pruning removed {achieved:.4f} of the decoder-block parameters "
                                  f"({removed:,}), less than prune.ratio={p.ratio} (tolerance {TOLERANCE})", result=result)

@@ -48,5 +48,5 @@ class TrainStage:
                              sections={"train_history": trainer.history, "sparsity_check": check},
                              saver=PretrainedSaver())
         if check.get("pruned_weights_still_zero") is False or check.get("nm_exact") is False:
-            raise CompressError(f"sparsity broken by training: {check}")
+            raise CompressError(f"sparsity broken by training: {check}", result=result)
         return result
