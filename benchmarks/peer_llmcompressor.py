@@ -42,6 +42,12 @@ CONFIGS = {  # name -> (modifier class name, kwargs); quantization rows: symmetr
     "sparsegpt_50": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)),
     "sparsegpt_2of4": ("SparseGPTModifier", dict(sparsity=0.5, mask_structure="2:4", block_size=128, dampening_frac=0.01)),
     "wanda_2of4": ("WandaPruningModifier", dict(sparsity=0.5, mask_structure="2:4")),
+    # AWQ (its transform modifier, then the quantizer), asymmetric w4 g64: AWQ's usual scheme
+    "rtn_w4_g64_asym": ("QuantizationModifier", dict(bits=4, group=64, sym=False)),
+    "gptq_w4_g64_asym": ("GPTQModifier", dict(bits=4, group=64, sym=False, block_size=128, dampening_frac=0.01)),
+    "awq_rtn_w4_g64_asym": ("AWQ+QuantizationModifier", dict(bits=4, group=64, sym=False)),
+    "awq_gptq_w4_g64_asym": ("AWQ+GPTQModifier", dict(bits=4, group=64, sym=False, block_size=128,
+                                                        dampening_frac=0.01)),
 }
 
 
@@ -49,7 +55,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="wanda_50,sparsegpt_50,sparsegpt_2of4")
     ap.add_argument("--out", default="benchmarks/results/peer_llmcompressor_p1.json")
+    ap.add_argument("--no-pin-memory", action="store_true",
+                    help="make torch.Tensor.pin_memory return the tensor itself: llm-compressor 0.14's AWQ pins its "
+                         "intermediates cache, which stops a CPU-only machine with 'Cannot access accelerator device' "
+                         "(a harness change only; nothing is computed differently)")
     args = ap.parse_args(argv)
+    if args.no_pin_memory:
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
 
     import llmcompressor
     import transformers
@@ -57,16 +69,17 @@ def main(argv=None) -> int:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier,
                "GPTQModifier": GPTQModifier, "QuantizationModifier": QuantizationModifier}
 
-    def quant_modifier(cls, bits, group, **kw):
+    def quant_modifier(cls, bits, group, sym=True, **kw):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-        args = (QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel") if group == -1 else
-                QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group))
+        args = (QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel") if group == -1 else
+                QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group))
         scheme = QuantizationScheme(targets=["Linear"], weights=args)
         return classes[cls](config_groups={"group_0": scheme}, ignore=["lm_head"], **kw)
     path = embedded_checkpoint()
@@ -86,12 +99,14 @@ def main(argv=None) -> int:
     for name in [n for n in args.only.split(",") if n]:
         cls, kw = CONFIGS[name]
         model = fresh()
-        if "bits" in kw:
-            modifier = quant_modifier(cls, **kw)
+        if cls.startswith("AWQ+"):  # AWQ's scales (its default mappings, duo scaling, 20 grid points), then the quantizer
+            modifier = [AWQModifier(duo_scaling=True, n_grid=20), quant_modifier(cls[4:], **kw)]
+        elif "bits" in kw:
+            modifier = [quant_modifier(cls, **kw)]
         else:
-            modifier = classes[cls](targets=["Linear"], ignore=["re:.*lm_head"], **kw)
+            modifier = [classes[cls](targets=["Linear"], ignore=["re:.*lm_head"], **kw)]
         t0 = time.perf_counter()
-        oneshot(model=model, tokenizer=tok, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0],
+        oneshot(model=model, tokenizer=tok, dataset=ds, recipe=modifier, num_calibration_samples=ids.shape[0],
                 max_seq_length=ids.shape[1], pipeline="sequential", shuffle_calibration_samples=False)
         secs = time.perf_counter() - t0
         ppl = perplexity(model, tok, progress=False)["ppl"]

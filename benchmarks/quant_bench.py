@@ -24,7 +24,7 @@ import time
 from common import write, yardstick
 
 from compress.calibration.targets import resolve_targets
-from compress.config import prune_config, quant_config
+from compress.config import make_config, prune_config, quant_config
 from compress.core.memory import PeakMemory
 from compress.core.modules import weights_fingerprint
 from compress.data import load_calibration
@@ -107,6 +107,8 @@ def run(name, spec, model_cfg, calib, ids, fwd, reload=False):
     with PeakMemory("cpu") as pm:
         spec = dict(spec or {})
         prune = spec.pop("prune", None)
+        transforms = [make_config("transform", **dict(t)) for t in [spec.pop("transform")] if t] \
+            if "transform" in spec else []
         nm = None
         if prune is not None:  # two passes: the prune stage, then the quantizer with the zeros held
             r = prune_model(model, tok, prune_config(**prune), calib, calib_ids=ids, progress=False)
@@ -119,7 +121,10 @@ def run(name, spec, model_cfg, calib, ids, fwd, reload=False):
         if spec:
             qcfg = quant_config(**spec)
             t1 = time.perf_counter()
-            model, rep = quantize_model(model, tok, qcfg, calib, calib_ids=ids, nm=nm, progress=False)
+            model, rep = quantize_model(model, tok, qcfg, calib, calib_ids=ids, nm=nm, transforms=transforms,
+                                        progress=False)
+            if transforms:
+                row["transforms"] = rep.transforms
             nm = nm or getattr(qcfg, "nm", None)
             if getattr(qcfg, "sparsity", None) is not None:  # the joint method: one pass, its own sparsity
                 row["prune_seconds"], row["sparsity"] = 0.0, rep.summary()["achieved_sparsity"]
@@ -143,7 +148,10 @@ def main(argv=None):
     ap.add_argument("--reload", action="store_true", help="rows with a prune stage: save, reload with stock "
                     "transformers in a fresh process, check weights, zeros and N:M")
     ap.add_argument("--out", default="benchmarks/results/quant_p1.json")
+    ap.add_argument("--extra", default="", help='JSON dict of name -> row spec to add: quant config keys, '
+                    'optionally "prune": {prune config keys} and "transform": {transform config keys}')
     args = ap.parse_args(argv)
+    CONFIGS.update(json.loads(args.extra) if args.extra else {})
     if args.list:
         print("\n".join(CONFIGS))
         return 0
