@@ -107,8 +107,8 @@ def run(name, spec, model_cfg, calib, ids, fwd, reload=False):
     with PeakMemory("cpu") as pm:
         spec = dict(spec or {})
         prune = spec.pop("prune", None)
-        transforms = [make_config("transform", **dict(t)) for t in [spec.pop("transform")] if t] \
-            if "transform" in spec else []
+        tf = dict(spec.pop("transform", None) or {})
+        transforms = [make_config("transform", tf.pop("method"), **tf)] if tf else []
         nm = None
         if prune is not None:  # two passes: the prune stage, then the quantizer with the zeros held
             r = prune_model(model, tok, prune_config(**prune), calib, calib_ids=ids, progress=False)
