@@ -132,6 +132,9 @@ def fits_in_memory(model_dir: Path, factor: float = 3.0, budget: float = 0.5) ->
     return free is None or size * factor <= budget * free
 
 
+STOCK = "transformers.AutoModelForCausalLM.from_pretrained"
+
+
 def verify_saved(model_dir, fingerprint: Dict, force_meta: bool = False, loader: Optional[str] = None) -> Dict:
     """Reload ``model_dir`` in a fresh process and compare the fingerprint (see the module docstring).
     ``loader`` (``"module:function"``): a checkpoint stock ``from_pretrained`` refuses by design is reloaded
@@ -150,7 +153,7 @@ def verify_saved(model_dir, fingerprint: Dict, force_meta: bool = False, loader:
     ok = got["sha256"] == fingerprint["sha256"] and got["zeros"] == fingerprint["zeros"]
     out = {"ok": ok, "verified": True, "mode": "load", "class": got["class"], "weights_equal": got["sha256"] == fingerprint["sha256"],
            "zeros_equal": got["zeros"] == fingerprint["zeros"], "modules": len(fingerprint["modules"]),
-           "loader": loader or "transformers.AutoModelForCausalLM.from_pretrained"}
+           "loader": loader or STOCK}
     if not ok:
         out["error"] = "the reloaded weights differ from the saved ones (fingerprint or zero counts)"
     return out
@@ -178,15 +181,20 @@ def reload_check(run_dir) -> Dict:
     nwin = min(ids.numel() // ev["seqlen"], ev["max_windows"] or 10**9)
     if bos:
         raise ValueError("eval.add_bos=true runs are not handled by reload-check")
+    # a checkpoint stock from_pretrained refuses by design (non-uniform widths) is reloaded with the loader the
+    # save step verified it with, and the answer says which
+    loader = (save.get("reload") or {}).get("loader")
+    loader = None if loader in (None, STOCK) else loader
     job = {"ids": ids[: nwin * ev["seqlen"]].tolist(), "seqlen": ev["seqlen"], "modules": fp["modules"],
-           "warmup": _quant_method(run / "model") == "compressed-tensors",
+           "loader": loader, "warmup": _quant_method(run / "model") == "compressed-tensors",
            "probe": str(run / "probe_logits.safetensors") if (run / "probe_logits.safetensors").exists() else None}
     got = _child(run / "model", job)
     if "error" in got:
         out = {"run": str(run), "ok": False, "error": got["error"]}
     else:
         config = json.loads((run / "model" / "config.json").read_text())
-        out = {"run": str(run), "model_class": got["class"], "weights_equal": got["sha256"] == fp["sha256"],
+        out = {"run": str(run), "model_class": got["class"], "loader": loader or STOCK,
+               "weights_equal": got["sha256"] == fp["sha256"],
                "modules": len(fp["modules"]), "zeros_equal": got["zeros"] == fp["zeros"],
                "zeros": sum(fp["zeros"].values()), "ppl_run": ppl, "ppl_reloaded": got["ppl"],
                "ppl_rel_diff": abs(got["ppl"] - ppl) / ppl, "protocol": proto,

@@ -303,6 +303,16 @@ def _cli(args, cwd):
                           cwd=cwd)
 
 
+def _reload_check(run, cwd):
+    """``compress reload-check RUN`` in a fresh process: ok, weights equal, the run's ppl and probe logits."""
+    c = _cli(["reload-check", str(run)], cwd)
+    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
+    check = json.loads((run / "reload_check.json").read_text())
+    assert check["ok"] and check["weights_equal"] and check["ppl_rel_diff"] <= 1e-4, check
+    assert check["probe_logits_max_abs_diff"] <= 1e-5, check
+    return check
+
+
 def _save(model, path):
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
@@ -332,6 +342,7 @@ def test_cli_structured_run_records_and_reloads(tmp_path):
     assert cfg["num_key_value_heads"] == 1 and cfg["intermediate_size"] == st["config_sizes"]["intermediate_size"]
     m = T.AutoModelForCausalLM.from_pretrained(d / "model")
     assert count_params(m)["params_total"] == st["params_after"]["params_total"]
+    _reload_check(d, tmp_path)
     # non-uniform widths through the CLI: the first block protected, per-layer widths saved, the small loader
     d2 = tmp_path / "run_nonuniform"
     r = _cli(["model=hf", f"model.name={ckpt}", "prune=structured", "prune.importance=taylor", "prune.ratio=0.3",
@@ -345,6 +356,7 @@ def test_cli_structured_run_records_and_reloads(tmp_path):
     m2 = load_pruned(d2 / "model")
     assert m2.model.layers[0].mlp.down_proj.in_features == 128 > m2.model.layers[1].mlp.down_proj.in_features
     assert count_params(m2)["params_total"] == st2["params_after"]["params_total"]
+    assert _reload_check(d2, tmp_path)["loader"] != "transformers.AutoModelForCausalLM.from_pretrained"
     # an architecture outside the role map is refused before the model loads, naming it
     gpt2 = tmp_path / "gpt2"
     T.GPT2Config(vocab_size=260, n_embd=64, n_layer=2, n_head=4).save_pretrained(gpt2)
@@ -582,8 +594,4 @@ def test_cli_structured_on_recognised_families_reaches_the_target_and_reloads_st
     assert data["structured"]["achieved_ratio"] >= 0.2 - 0.015
     save = next(s for s in data["stages"] if s["name"] == "save")
     assert save["reload"]["ok"] and save["reload"]["weights_equal"]  # verified by the save step itself
-    c = subprocess.run([sys.executable, "-m", "compress", "reload-check", str(d)], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
-    check = json.loads((d / "reload_check.json").read_text())
-    assert check["weights_equal"] and check["probe_logits_max_abs_diff"] <= 1e-5 and check["ppl_rel_diff"] <= 1e-4
+    _reload_check(d, tmp_path)
