@@ -292,6 +292,8 @@ def test_joint_one_pass_mask_and_grid_exact_after_reload(tmp_path, pattern, act_
         if pattern == "2:4":
             assert check_nm(got["weights"][n], 2, 4), n
     assert rep["check"]["nm_exact"] is (True if pattern == "2:4" else None)
+    check = _reload_check(tmp_path / "run")
+    assert check["ok"] and check["weights_equal"] and check["zeros_equal"] and check["ppl_rel_diff"] <= 1e-4, check
 
 
 def _retyped(method):
