@@ -122,6 +122,19 @@ def load_model(cfg: ModelConfig, device: str | None = None) -> Tuple[object, obj
     return model, load_tokenizer(cfg)
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer built offline (256 byte tokens + ``<s>``/``</s>``, ids < 258): for random-weight
+    checkpoints written by tests and benchmarks, whose embeddings may be wider than the ids it produces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
 def meta_model(cfg: ModelConfig):
     """The model built on the meta device from its config alone (no weights read): shapes, module names and
     the config, for the checks that run before loading."""

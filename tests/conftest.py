@@ -12,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+from compress.models import byte_tokenizer  # noqa: F401  (the tests import it from here)
+
 VOCAB = 128
 
 
@@ -62,18 +64,6 @@ FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]
 # every family whose replay and pruning is tested (PER_LAYER: with per-layer attention types)
 PER_LAYER = ["gemma2", "gemma3", "qwen2_sliding", "cohere2"]
 ALL_FAMILIES = FAMILIES + ["gpt2", "phi3"] + PER_LAYER
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + bos/eos, ids < 258) built offline, for tiny saved models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 def save_tiny(family: str, path, seed: int = 0):
