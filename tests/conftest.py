@@ -3,7 +3,10 @@
 No test touches the network: the hub is switched off for the whole session.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -64,6 +67,15 @@ FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]
 # every family whose replay and pruning is tested (PER_LAYER: with per-layer attention types)
 PER_LAYER = ["gemma2", "gemma3", "qwen2_sliding", "cohere2"]
 ALL_FAMILIES = FAMILIES + ["gpt2", "phi3"] + PER_LAYER
+
+
+def reload_check_cli(run, cwd=None, ok_codes=(0,)):
+    """``compress reload-check RUN`` in a fresh process (which imports only torch and transformers to reload the
+    saved model); its exit status must be one of ``ok_codes``; returns ``reload_check.json``."""
+    p = subprocess.run([sys.executable, "-m", "compress", "reload-check", str(run)], capture_output=True, text=True,
+                       timeout=600, cwd=cwd or run)
+    assert p.returncode in ok_codes, p.stdout[-2000:] + p.stderr[-3000:]
+    return json.loads((run / "reload_check.json").read_text())
 
 
 def save_tiny(family: str, path, seed: int = 0):

@@ -16,7 +16,7 @@ from compress.core.errors import ConfigError
 from compress.stages.quant import quantize_model
 from compress.transforms.awq import AWQ
 
-from .conftest import save_tiny
+from .conftest import reload_check_cli, save_tiny
 
 
 def _ids(n=8, seqlen=32, seed=0):
@@ -98,10 +98,7 @@ def test_awq_gptq_through_the_cli_saves_a_checkpoint_that_reloads_stock(tmp_path
     assert {g["group"] for g in rep["transforms"][0]["groups"]} == {"attn_in", "mlp_in", "mlp_out"}
     save = next(s for s in data["stages"] if s["name"] == "save")
     assert save["reload"]["ok"] and save["reload"]["weights_equal"] and "compressed-tensors" in save["format"]
-    c = subprocess.run([sys.executable, "-m", "compress", "reload-check", str(d)], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
-    assert json.loads((d / "reload_check.json").read_text())["ppl_rel_diff"] <= 1e-4
+    assert reload_check_cli(d, tmp_path)["ppl_rel_diff"] <= 1e-4
 
 
 def test_awq_is_refused_where_it_cannot_apply():

@@ -18,7 +18,7 @@ from compress.core.masks import check_nm
 from compress.stages.prune import prune_model
 from compress.stages.quant import quantize_model
 
-from .conftest import _tiny, byte_tokenizer, save_tiny
+from .conftest import _tiny, byte_tokenizer, reload_check_cli, save_tiny
 
 SMALL = ["calib.nsamples=4", "calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=2"]
 
@@ -137,10 +137,7 @@ def _reload(d, ids, tmp_path):
 def _reload_check(run):
     """``compress reload-check RUN``: a process that imports only torch and transformers reloads the saved
     model and recomputes the weights' fingerprint, the zero counts and the run's perplexity."""
-    p = subprocess.run([sys.executable, "-m", "compress", "reload-check", str(run)], capture_output=True, text=True,
-                       timeout=600, cwd=run)
-    assert p.returncode in (0, 1), p.stderr[-3000:]
-    return json.loads((run / "reload_check.json").read_text())
+    return reload_check_cli(run, ok_codes=(0, 1))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

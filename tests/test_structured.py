@@ -16,11 +16,12 @@ from compress.config import ConfigError, prune_config
 from compress.core.errors import UnsupportedModelError
 from compress.calibration.roles import block_structure
 from compress.registry import get
+from compress.reload import STOCK
 from compress.structured.scoring import ImportanceContext, attn_scores
 from compress.structured.surgery import (Keep, block_params, count_params, masked_logits, plan_widths, remove_blocks,
                                          remove_width, select)
 
-from .conftest import VOCAB, _tiny, byte_tokenizer, save_tiny
+from .conftest import VOCAB, _tiny, byte_tokenizer, reload_check_cli, save_tiny
 
 
 def _model(family):
@@ -305,9 +306,7 @@ def _cli(args, cwd):
 
 def _reload_check(run, cwd):
     """``compress reload-check RUN`` in a fresh process: ok, weights equal, the run's ppl and probe logits."""
-    c = _cli(["reload-check", str(run)], cwd)
-    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
-    check = json.loads((run / "reload_check.json").read_text())
+    check = reload_check_cli(run, cwd)
     assert check["ok"] and check["weights_equal"] and check["ppl_rel_diff"] <= 1e-4, check
     assert check["probe_logits_max_abs_diff"] <= 1e-5, check
     return check
@@ -356,7 +355,7 @@ def test_cli_structured_run_records_and_reloads(tmp_path):
     m2 = load_pruned(d2 / "model")
     assert m2.model.layers[0].mlp.down_proj.in_features == 128 > m2.model.layers[1].mlp.down_proj.in_features
     assert count_params(m2)["params_total"] == st2["params_after"]["params_total"]
-    assert _reload_check(d2, tmp_path)["loader"] != "transformers.AutoModelForCausalLM.from_pretrained"
+    assert _reload_check(d2, tmp_path)["loader"] != STOCK
     # an architecture outside the role map is refused before the model loads, naming it
     gpt2 = tmp_path / "gpt2"
     T.GPT2Config(vocab_size=260, n_embd=64, n_layer=2, n_head=4).save_pretrained(gpt2)
