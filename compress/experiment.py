@@ -21,15 +21,16 @@ from typing import Dict, Optional
 
 from omegaconf import OmegaConf
 
+from compress.calibration.checkpoint import atomic_write_text
 from compress.calibration.targets import resolve_targets
 from compress.config import Config
 from compress.core.config import dataset_key
-from compress.core.errors import CompressError, SaveError
+from compress.core.errors import CompressError, ConfigError, SaveError
 from compress.core.modules import weights_fingerprint
 from compress.core.runtime import resolve_device, scoped_torch_flags, seed_everything
 from compress.evaluate import flops_metrics, perplexity, size_metrics
 from compress.lmeval import zero_shot
-from compress.models import load_model, meta_model
+from compress.models import load_model, meta_model, model_identity
 from compress.record import RunRecord, code_version
 from compress.reload import verify_saved
 from compress.registry import NoneConfig
@@ -133,11 +134,23 @@ def structured_speed_into(rec: RunRecord, ctx: StageContext, info: Dict) -> None
           + f"; FLOP ceiling {ceiling:.3f}x")
 
 
+def atomic_save(saver, ctx: StageContext, save_to: Path) -> Dict:
+    """The saver writes into a temporary directory beside ``save_to``, which then replaces it: a run killed
+    while saving leaves no half-written checkpoint under the final name."""
+    tmp = save_to.with_name(f".{save_to.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = saver.save(ctx.model, ctx.tokenizer, tmp)
+    if save_to.exists():
+        shutil.rmtree(save_to)
+    os.replace(tmp, save_to)
+    return dict(out, path=str(save_to))
+
+
 def save_into(rec: RunRecord, ctx: StageContext, saver, save_to: Path, info: Dict) -> None:
     """Save with the last stage's saver, fingerprint the weights, and verify the checkpoint by a stock reload
     in a fresh process. A checkpoint that does not reload is moved aside and, where the stage offers one,
     the working alternative is saved instead (recorded as such); else the run fails, naming the cause."""
-    out = saver.save(ctx.model, ctx.tokenizer, save_to)
+    out = atomic_save(saver, ctx, save_to)
     out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
     if ctx.facts.structured:  # logits on a fixed probe beside the model, for a logit-by-logit reload check
         out["probe"] = save_probe_logits(ctx.model, Path(save_to).parent / "probe_logits.safetensors")
@@ -160,13 +173,52 @@ def save_into(rec: RunRecord, ctx: StageContext, saver, save_to: Path, info: Dic
                                                   f"{fallback.format}" if fallback is not None else ""))
     print(f"compress: the {saver.format} checkpoint does not reload ({cause}); saving {fallback.format} instead "
           f"(the failed one is in {failed})")
-    alt = fallback.save(ctx.model, ctx.tokenizer, save_to)
+    alt = atomic_save(fallback, ctx, save_to)
     alt["fingerprint"] = out["fingerprint"]
     check2 = verify_saved(save_to, out["fingerprint"])
     info.clear()
     info.update(alt, reload=check2, fallback_from={"format": saver.format, "error": cause, "moved_to": str(failed)})
     if not check2["ok"]:
         raise SaveError(f"neither {saver.format} nor {fallback.format} reloads: {check2.get('error')}")
+
+
+def _flat(d, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_guard(root: Path, cfg_dict: Dict, code: str, model: Dict) -> Dict:
+    """The run's checkpoint directory: its manifest (config, code version, model identity) is written when
+    a run starts; a run that finds one continues from it only when all three are the same, and is refused
+    otherwise, naming what changed (each block walk checks its calibration tokens itself)."""
+    manifest = root / "manifest.json"
+    now = {"config": json.loads(json.dumps(cfg_dict, default=str)), "code_version": code, "model": model}
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        a, b = _flat(old.get("config")), _flat(now["config"])
+        changed = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+                   if a.get(k, "<absent>") != b.get(k, "<absent>") and k != ".".join(REUSE_KEY)]
+        if old.get("code_version") != code:
+            changed.append(f"code version: {old.get('code_version')} -> {code}")
+        if old.get("model") != model:
+            changed.append(f"model: {old.get('model')} -> {model}")
+        if changed:
+            raise ConfigError(f"{root} holds the checkpoint of a run that differs from this one ("
+                              + "; ".join(changed) + "): refusing to resume from it. Use another run directory "
+                              "(hydra.run.dir=...), start again with output.checkpoint=false, or delete " + str(root))
+        blocks = {d.name: json.loads((d / "state.json").read_text())["done"] + 1
+                  for d in sorted(root.iterdir()) if (d / "state.json").exists()}
+        print(f"compress: resuming from {root} (finished blocks per stage: {blocks or 'none'})")
+        return {"resumed": True, "checkpoint": str(root), "finished_blocks": blocks}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(manifest, json.dumps(now, indent=1, default=str))
+    return {"resumed": False, "checkpoint": str(root)}
 
 
 def config_hash(cfg_dict: Dict) -> str:
@@ -302,8 +354,12 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
+    ckpt_root = out_dir / "checkpoint" if cfg.output.checkpoint and model is None else None
+    resume = resume_guard(ckpt_root, cfg_dict, code, model_identity(cfg.model)) if ckpt_root is not None else None
     rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description,
                     config_hash=chash, code_version=code)
+    if resume is not None:
+        rec.data["resume"] = resume
     targets, ignore = _targets(cfg)
     try:
         with rec.stage("load", cfg.model.name) as info:
@@ -325,6 +381,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             if method == "none":
                 continue
             stage = STAGES[cfg.slot_stage(slot)]()
+            ctx.checkpoint_dir = ckpt_root / slot if ckpt_root is not None else None
             with rec.stage(slot, method) as info, scoped_torch_flags():
                 if stage.name != slot:
                     info["stage"] = stage.name
@@ -351,6 +408,8 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             rec.finish("failed")
             raise save_failed
         rec.finish("ok")
+        if ckpt_root is not None and not cfg.output.keep_checkpoint:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
     finally:
         if print_summary:
             print(summary_table(rec.data))

@@ -144,3 +144,27 @@ def meta_model(cfg: ModelConfig):
     mc = AutoConfig.from_pretrained(model_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.trust_remote_code)
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    """What identifies the weights a run reads, without reading them: for a local checkpoint the sha256 of
+    its config.json and of each safetensors file's name, size and header (tensor names, shapes, offsets);
+    for a hub id, the id and revision."""
+    import hashlib
+    import struct
+
+    path = Path(model_path(cfg))
+    if not path.is_dir():
+        return {"name": cfg.name, "revision": cfg.revision}
+    h = hashlib.sha256()
+    cfg_file = path / "config.json"
+    if cfg_file.exists():
+        h.update(cfg_file.read_bytes())
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            h.update(fh.read(min(n, 1 << 24)))
+    return {"name": cfg.name, "path": str(path), "files": len(files), "sha256": h.hexdigest()}

@@ -166,3 +166,8 @@ class OutputConfig:
     # a finished run of the same config made by another code version (package version + git commit) is
     # run again unless this is true (then it is reused as it is); not part of a run's identity
     reuse_other_code: bool = False
+    # calibration walks (prune, quant) checkpoint every finished block into <run dir>/checkpoint/, and a run
+    # started again in the same run directory with the same config, code, model and calibration data
+    # continues from the last finished block (anything else is refused, naming what changed)
+    checkpoint: bool = True
+    keep_checkpoint: bool = False  # keep <run dir>/checkpoint/ after the run ended ok (default: deleted)

@@ -20,7 +20,7 @@ from compress.models import byte_tokenizer  # noqa: F401  (the tests import it f
 VOCAB = 128
 
 
-def _tiny(family: str, seed: int = 0, vocab: int = VOCAB):
+def _tiny(family: str, seed: int = 0, vocab: int = VOCAB, layers: int = 0):
     """A tiny random model of ``family``. The per-layer-attention families (``gemma2``, ``gemma3``,
     ``qwen2_sliding``, ``cohere2``) have 4 blocks and a sliding window of 8 tokens, shorter than the test
     sequences, so that sliding and full attention layers really get different masks."""
@@ -58,6 +58,10 @@ def _tiny(family: str, seed: int = 0, vocab: int = VOCAB):
         cfg = T.Cohere2Config(**sliding, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         raise ValueError(family)
+    if layers:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = (cfg.layer_types * layers)[:layers]
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.config.use_cache = False
     return model
@@ -78,9 +82,9 @@ def reload_check_cli(run, cwd=None, ok_codes=(0,)):
     return json.loads((run / "reload_check.json").read_text())
 
 
-def save_tiny(family: str, path, seed: int = 0):
+def save_tiny(family: str, path, seed: int = 0, layers: int = 0):
     """Save a tiny random ``family`` model with a byte tokenizer to ``path`` (a stock HF checkpoint)."""
-    model = _tiny(family, seed=seed, vocab=260)
+    model = _tiny(family, seed=seed, vocab=260, layers=layers)
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
     return path

@@ -168,13 +168,16 @@ class BlockLoop:
     def __init__(self, model: nn.Module, targets: Targets, method, compress_linear: CompressFn, *,
                  sequential: str = "auto", memory_budget: float = 0.5, device=None, offload: bool = False,
                  propagate: str = "pruned", batch_size: int = 1, dense_stream: bool = False, forced: str = "",
-                 two_pass_reason: str = "", progress: bool = True, desc: str = "calibrate", stage: str = ""):
+                 two_pass_reason: str = "", progress: bool = True, desc: str = "calibrate", stage: str = "",
+                 checkpoints=None):
         self.model, self.targets, self.method, self.compress_linear = model, targets, method, compress_linear
         self.sequential, self.memory_budget = sequential, memory_budget
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.offload, self.propagate, self.batch_size = offload, propagate, batch_size
         self.dense_stream, self.forced, self.two_pass_reason = dense_stream, forced, two_pass_reason
         self.progress, self.desc, self.stage = progress, desc, stage
+        self.checkpoints = checkpoints  # compress.calibration.checkpoint.BlockCheckpoints, or None
+        self.walk: Dict = {}  # what the walk reports (resumed_at, checkpoint seconds)
         self.mode: Dict = {}
         self.block_seconds: List[float] = []
         self._probes: Dict[tuple, List[LinearShape]] = {}
@@ -199,11 +202,19 @@ class BlockLoop:
     def after_block(self, bidx: int, linears: Dict[str, nn.Module], t0: float) -> None:
         self.block_seconds.append(time.perf_counter() - t0)
 
+    # -- what a checkpoint keeps of a finished block beyond its weights (see runner.Persist)
+    def state_of(self, bidx: int) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def restore(self, bidx: int, state: Dict, tensors: Dict[str, torch.Tensor]) -> None:
+        """A finished block restored from a checkpoint: take back what :meth:`state_of` gave."""
+
     # -- the loop
     def run(self, calib_ids: torch.Tensor) -> Dict:
-        run_sequential(self.model, calib_ids, self.process_block, batch_size=self.batch_size, device=self.device,
-                       offload=self.offload, propagate=self.propagate, dense_stream=self.dense_stream,
-                       progress=self.progress, desc=self.desc)
+        self.walk = run_sequential(self.model, calib_ids, self.process_block, batch_size=self.batch_size,
+                                   device=self.device, offload=self.offload, propagate=self.propagate,
+                                   dense_stream=self.dense_stream, progress=self.progress, desc=self.desc,
+                                   checkpoints=self.checkpoints, persist=self)
         return self.mode
 
     def process_block(self, bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):

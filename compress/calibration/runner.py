@@ -10,13 +10,14 @@ flow from block to block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from compress.calibration.blocks import BlockInputs, block_outputs, capture_block_inputs, find_blocks
+from compress.calibration.checkpoint import BlockCheckpoints
 
 
 @dataclass
@@ -34,10 +35,46 @@ class BlockResult:
 BlockFn = Callable[[int, nn.Module, BlockInputs, Optional[BlockInputs]], Optional[BlockResult]]
 
 
+class Persist(Protocol):
+    """What a walk that checkpoints keeps of each finished block beyond its weights: ``state_of(idx)`` ->
+    (JSON-able report entries, tensors), ``restore(idx, state, tensors)`` on resume, and the block mode."""
+
+    mode: Dict
+
+    def state_of(self, idx: int) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+        ...
+
+    def restore(self, idx: int, state: Dict, tensors: Dict[str, torch.Tensor]) -> None:
+        ...
+
+
+class InMemoryBlocks:
+    """The blocks live in the model (on the CPU between turns with ``offload``)."""
+
+    def __init__(self, offload: bool = False):
+        self.offload = offload
+
+    def onload(self, idx: int, block: nn.Module, device) -> None:
+        if self.offload:
+            block.to(device)
+
+    def finished(self, idx: int, block: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+        """The block is done: what a checkpoint stores of it (its state dict), before it is put away."""
+        return block.state_dict()
+
+    def release(self, idx: int, block: nn.Module) -> None:
+        if self.offload:
+            block.to("cpu")
+
+    def restore(self, idx: int, block: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+        block.load_state_dict(state, strict=True)
+
+
 @torch.no_grad()
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: BlockFn, batch_size: int = 1,
                    device=None, offload: bool = False, propagate: str = "pruned", dense_stream: bool = False,
-                   progress: bool = True, desc: str = "calibrate") -> None:
+                   progress: bool = True, desc: str = "calibrate", checkpoints: Optional[BlockCheckpoints] = None,
+                   persist: Optional[Persist] = None) -> Dict:
     """Walk the decoder blocks one at a time.
 
     ``process_block(index, block, inputs, dense_inputs)`` collects statistics and compresses the block
@@ -46,18 +83,42 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
     (``propagate="dense"``). With ``dense_stream=True`` the dense model's activations are carried as
     well and passed as ``dense_inputs`` (e.g. as regression targets); the processor must then return
     the dense outputs, computed before it compresses the block.
+
+    With ``checkpoints`` every finished block is checkpointed (its state, the next block's inputs and
+    ``persist.state_of(idx)``), and a walk that finds a checkpoint restores the finished blocks and their
+    states (``persist.restore``) and continues with the next one (:mod:`compress.calibration.checkpoint`).
+    Returns what the walk did: ``{"resumed_at": block or None, "checkpoint_write_seconds": s}``.
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate={propagate!r}: expected 'pruned' or 'dense'")
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    store = InMemoryBlocks(offload)
     captured = capture_block_inputs(model, input_ids, batch_size, device, offload)
     hidden, captured.hidden = captured.hidden, []  # only the current block's inputs stay alive
     dense_hidden = hidden if dense_stream and propagate == "pruned" else None
-    for idx in tqdm(range(len(blocks)), desc=desc, disable=not progress, unit="block"):
+    start, done = 0, {"resumed_at": None}
+    resume = checkpoints.resume() if checkpoints is not None else None
+    if resume is not None:
+        for idx in range(resume.next_block):
+            block_state, tensors = checkpoints.load_block(idx)
+            if block_state:
+                store.restore(idx, blocks[idx], block_state)
+            if persist is not None:
+                persist.restore(idx, resume.states[idx], tensors)
+        if persist is not None and resume.mode:
+            persist.mode = resume.mode
+        start, done["resumed_at"] = resume.next_block, resume.next_block
+        if start < len(blocks):
+            hidden = [h.to(device) for h in resume.hidden]
+            if dense_hidden is not None:
+                dense_hidden = [h.to(device) for h in resume.dense_hidden] if resume.dense_hidden is not None else hidden
+        if progress:
+            print(f"{desc}: resumed from {checkpoints.path}: blocks 0-{start - 1} restored, continuing at block {start}")
+    for idx in tqdm(range(start, len(blocks)), desc=desc, disable=not progress, unit="block", initial=start,
+                    total=len(blocks)):
         block = blocks[idx]
-        if offload:
-            block.to(device)
+        store.onload(idx, block, device)
         inputs = captured.block(idx, hidden)
         dense = captured.block(idx, dense_hidden) if dense_hidden is not None else None
         res = process_block(idx, block, inputs, dense) or BlockResult()
@@ -72,7 +133,13 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
                     raise RuntimeError("dense_stream=True: process_block must return the dense outputs")
                 dense_hidden = res.dense_outputs
         del inputs, dense, res
-        if offload:
-            block.to("cpu")
+        if checkpoints is not None:
+            state, tensors = persist.state_of(idx) if persist is not None else ({}, {})
+            checkpoints.save(idx, store.finished(idx, block), hidden, dense_hidden, state, tensors,
+                             mode=getattr(persist, "mode", None))
+        store.release(idx, block)
     if offload:
         model.to("cpu")
+    if checkpoints is not None:
+        done["checkpoint_write_seconds"] = round(checkpoints.write_seconds, 3)
+    return done

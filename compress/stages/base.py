@@ -47,6 +47,8 @@ class StageContext:
     device: str
     out_dir: Path
     facts: Facts = field(default_factory=Facts)
+    # where this stage's block walk checkpoints every finished block and resumes from (None: no checkpoints)
+    checkpoint_dir: Optional[Path] = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ reconstruction after the single pass.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -27,7 +28,7 @@ from compress.calibration.blocks import BlockInputs, block_outputs
 from compress.calibration.loop import BlockLoop, LinearJob, LinearMethod, LinearResult
 from compress.calibration.stats import InputStats, StatsCollector
 from compress.calibration.targets import Targets
-from compress.core.grid import bits_per_weight
+from compress.core.grid import GridSpec, bits_per_weight
 from compress.core.masks import check_nm
 from compress.core.memory import rss_peak_mb
 from compress.core.modules import weight_matrix
@@ -48,6 +49,7 @@ class LinearPass:
     params: Dict[str, tuple] = field(default_factory=dict, repr=False)
     spec: Optional[object] = None  # the GridSpec of the quantized linears
     calib_seconds: float = 0.0
+    walk: Dict = field(default_factory=dict)  # resumed_at (the first block computed, when resumed), checkpoint seconds
 
 
 def keep_mask(w: torch.Tensor) -> Optional[torch.Tensor]:
@@ -160,16 +162,49 @@ class _Loop(BlockLoop):
         super().after_block(bidx, linears, t0)
         self.block_entry(bidx, linears, t0)
 
+    def state_of(self, bidx):
+        r = self.result
+        names = {m["name"] for m in r.modules if m["block"] == bidx}
+        full = dict(zip(self.targets.flat(), self.targets.qualified_names()))
+        tensors = {}
+        for key in names:
+            if full[key] in r.params:
+                scale, zero = r.params[full[key]]
+                tensors[f"scale.{full[key]}"] = scale
+                if zero is not None:
+                    tensors[f"zero.{full[key]}"] = zero
+        state = {"modules": [m for m in r.modules if m["block"] == bidx],
+                 "blocks": [b for b in r.blocks if b["block"] == bidx],
+                 "reconstruction": [x for x in r.reconstruction if x["block"] == bidx],
+                 "transforms": [x for x in r.transforms if x["block"] == bidx],
+                 "spec": list(dataclasses.astuple(r.spec)) if r.spec is not None else None}
+        return state, tensors
+
+    def restore(self, bidx, state, tensors):
+        r = self.result
+        r.modules += state["modules"]
+        r.blocks += state["blocks"]
+        r.reconstruction += state["reconstruction"]
+        r.transforms += state["transforms"]
+        if state.get("spec") is not None:
+            r.spec = GridSpec(*state["spec"])
+        for k, v in tensors.items():
+            if k.startswith("scale."):
+                name = k[len("scale."):]
+                r.params[name] = (v, tensors.get(f"zero.{name}"))
+
 
 @torch.no_grad()
 def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, calib_ids: Optional[torch.Tensor],
                 *, sparsities: Optional[List[float]] = None, nm=None, batch_size: int = 1, device=None,
                 transforms: Sequence = (), progress: bool = True, desc: str = "compress", stage: str = "",
-                on_block: Optional[Callable[[int], None]] = None) -> LinearPass:
+                on_block: Optional[Callable[[int], None]] = None, checkpoints=None) -> LinearPass:
     """Compress every target linear with ``method`` (see the module docstring). ``sparsities``: the target
     of each block (mask methods); ``nm``: the N:M pattern; ``cfg``: the method's config (loop settings and
     refinements are read from it when present); ``transforms``: block transforms run before each block's
-    statistics (they need the calibration loop)."""
+    statistics (they need the calibration loop); ``checkpoints``: a
+    :class:`~compress.calibration.checkpoint.BlockCheckpoints` the walk checkpoints every block into and
+    resumes from."""
     result = LinearPass()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     full = dict(zip(targets.flat(), targets.qualified_names()))
@@ -231,8 +266,9 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
                  memory_budget=getattr(cfg, "memory_budget", 0.5), device=device, offload=getattr(cfg, "offload", False),
                  propagate=propagate, batch_size=batch_size, dense_stream=dense_stream, forced=forced,
                  two_pass_reason=f"{cfg.key('propagate')}=dense needs two passes" if propagate == "dense" else "",
-                 progress=progress, desc=desc, stage=stage)
+                 progress=progress, desc=desc, stage=stage, checkpoints=checkpoints)
     t_cal = time.perf_counter()
     result.mode = loop.run(calib_ids)
     result.calib_seconds = time.perf_counter() - t_cal
+    result.walk = loop.walk
     return result

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from compress.calibration.checkpoint import walk_checkpoints
 from compress.calibration.loop import mode_line
 from compress.calibration.targets import resolve_targets
 from compress.core.config import parse_pattern
@@ -54,6 +55,7 @@ class PruneReport:
     mode: Dict = field(default_factory=dict)  # the block mode: chosen, why, memory estimates and budget
     targets: Dict = field(default_factory=dict)  # what the resolver selected
     check: Dict = field(default_factory=dict)  # verify(): every target pruned to its target
+    walk: Dict = field(default_factory=dict)  # resumed_at (first block computed when resumed), checkpoint seconds
 
     def verify(self, expected: List[str], describe: str, global_scope: bool = False) -> Dict:
         """Every one of the ``expected`` targeted modules (``"<block>.<name>"``) pruned, each to its target
@@ -77,7 +79,8 @@ class PruneReport:
         return out
 
     def to_dict(self) -> Dict:
-        return {"summary": self.summary(), "mode": self.mode, "targets": self.targets, "check": self.check,
+        return {"summary": self.summary(), "mode": self.mode, "walk": self.walk, "targets": self.targets,
+                "check": self.check,
                 "layer_sparsities": self.layer_sparsities, "blocks": self.blocks,
                 "reconstruction": self.blocks_reconstruction, "modules": self.modules, "calibration": self.calibration}
 
@@ -134,13 +137,14 @@ def verify_sparsity(modules: List[Dict], pattern: str, expected: List[str], glob
 
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: MaskConfig, calib: Optional[CalibConfig] = None, device=None,
-                calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True) -> PruneReport:
+                calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True,
+                checkpoint_dir=None) -> PruneReport:
     """Prune ``model`` in place with the mask method ``cfg`` names and return the report.
 
     Refuses (:class:`~compress.core.errors.UnsupportedModelError`) before any work when the selected modules
     include some it cannot prune or when nothing is selected; with ``verify`` raises
     :class:`~compress.core.errors.ShortfallError` (carrying the report) when fewer modules, or less, than
-    targeted were pruned.
+    targeted were pruned. ``checkpoint_dir``: the block walk checkpoints every block there and resumes from it.
     """
     t_start = time.perf_counter()
     calib = calib or CalibConfig()
@@ -162,8 +166,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: MaskConfig, calib: Optional[Ca
     report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
     done = linear_pass(model, method, cfg, targets, calib_ids, sparsities=sparsities, nm=nm,
                        batch_size=calib.batch_size, device=device, progress=progress, desc=f"prune {cfg.method}",
-                       stage="prune")
-    report.modules, report.blocks, report.mode = done.modules, done.blocks, done.mode
+                       stage="prune", checkpoints=walk_checkpoints(checkpoint_dir, calib_ids, len(targets.per_block)))
+    report.modules, report.blocks, report.mode, report.walk = done.modules, done.blocks, done.mode, done.walk
     report.blocks_reconstruction, report.calib_seconds = done.reconstruction, done.calib_seconds
     report.seconds = time.perf_counter() - t_start
     if verify:
@@ -179,7 +183,8 @@ class PruneStage:
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg.prune
         try:
-            report = prune_model(ctx.model, ctx.tokenizer, cfg, ctx.cfg.calib, device=ctx.device)
+            report = prune_model(ctx.model, ctx.tokenizer, cfg, ctx.cfg.calib, device=ctx.device,
+                                 checkpoint_dir=ctx.checkpoint_dir)
         except ShortfallError as e:  # what it did is recorded before the stage fails
             if isinstance(e.result, PruneReport):
                 e.result = self._result(ctx, e.result)
@@ -191,6 +196,8 @@ class PruneStage:
         summary = dict(report.summary(), check=report.check)
         if report.mode:
             summary.update(mode=report.mode["chosen"], mode_decision=report.mode)
+        if report.walk.get("resumed_at") is not None:
+            summary["resumed_at_block"] = report.walk["resumed_at"]
         return StageResult(ctx.model, summary=summary, sections={"prune_report": report.to_dict()},
                            protocol={"calibration": report.calibration},
                            facts={"nm": ctx.cfg.prune.nm, "pattern": ctx.cfg.prune.pattern},

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from compress.calibration.checkpoint import walk_checkpoints
 from compress.calibration.targets import resolve_targets
 from compress.core.errors import ConfigError, ShortfallError, UnsupportedModelError
 from compress.core.grid import GridSpec, dequantize, expand, quantize
@@ -52,6 +53,7 @@ class QuantReport:
     check: Dict = field(default_factory=dict)
     targets: Dict = field(default_factory=dict)
     transforms: List[Dict] = field(default_factory=list)
+    walk: Dict = field(default_factory=dict)  # resumed_at (first block computed when resumed), checkpoint seconds
     layer_sparsities: Optional[List[float]] = None  # a quantizer that chooses a mask: its schedule
     seconds: float = 0.0
     params: Dict[str, tuple] = field(default_factory=dict, repr=False)  # full name -> (scale, zero), for saving
@@ -65,13 +67,15 @@ class QuantReport:
                "modules": len(self.modules), "quantized_params": qn, "bits_per_weight_quantized": bpw,
                "mean_rel_error": sum(errs) / len(errs) if errs else None, "quant_seconds": round(self.seconds, 3),
                "mode": self.mode.get("chosen"), "check_ok": self.check.get("ok")}
+        if self.walk.get("resumed_at") is not None:
+            out["resumed_at_block"] = self.walk["resumed_at"]
         if any("target" in m for m in self.modules):  # a quantizer that also chose a mask (the joint method)
             out["achieved_sparsity"] = achieved_sparsity(self.modules)
         return out
 
     def to_dict(self) -> Dict:
-        return {"summary": self.summary(), "mode": self.mode, "targets": self.targets, "check": self.check,
-                "calibration": self.calibration, "transforms": self.transforms,
+        return {"summary": self.summary(), "mode": self.mode, "walk": self.walk, "targets": self.targets,
+                "check": self.check, "calibration": self.calibration, "transforms": self.transforms,
                 "layer_sparsities": self.layer_sparsities, "modules": self.modules}
 
     def table(self, max_rows: int = 10) -> str:
@@ -126,11 +130,12 @@ def check_on_grid(params: Dict[str, tuple], spec: GridSpec, weights: Dict[str, t
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig] = None, device=None,
-                   calib_ids: Optional[torch.Tensor] = None, nm=None, transforms=(), progress: bool = True):
+                   calib_ids: Optional[torch.Tensor] = None, nm=None, transforms=(), progress: bool = True,
+                   checkpoint_dir=None):
     """Quantize ``model`` with the quantizer ``cfg`` names (grid quantizers: in place; bitsandbytes: a new
     model) and return ``(model, QuantReport)``. ``nm``: the N:M pattern of an earlier prune stage, checked
     after quantization. ``transforms``: block transforms (their configs) run before each block's
-    statistics."""
+    statistics. ``checkpoint_dir``: the block walk checkpoints every block there and resumes from it."""
     t0 = time.perf_counter()
     calib = calib or CalibConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -174,8 +179,11 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
             report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
         done = linear_pass(model, method, cfg, targets, calib_ids if needs_calib else None,
                            sparsities=sparsities, nm=own_nm, batch_size=calib.batch_size,
-                           device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant")
+                           device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant",
+                           checkpoints=walk_checkpoints(checkpoint_dir, calib_ids if needs_calib else None,
+                                                        len(targets.per_block)))
         report.modules, report.mode, report.params, report.spec = done.modules, done.mode, done.params, done.spec
+        report.walk = done.walk
         report.transforms = done.transforms
         weights = {n: weight_matrix(m) for n, m in flat.items()}
         missing = [n for n in flat if n not in {m["name"] for m in report.modules}]
@@ -287,7 +295,7 @@ class QuantStage:
         t0 = time.perf_counter()
         try:
             model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
-                                           nm=ctx.facts.nm, transforms=transforms)
+                                           nm=ctx.facts.nm, transforms=transforms, checkpoint_dir=ctx.checkpoint_dir)
         except ShortfallError as e:
             if isinstance(e.result, QuantReport):
                 e.result = StageResult(ctx.model, summary={"check": e.result.check, "forward_seconds": round(fwd, 3)},
