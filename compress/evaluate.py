@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress.calibration.blocks import block_outputs, forward_after_blocks
 from compress.calibration.roles import block_structure
+from compress.calibration.runner import BlockResult, run_sequential
 from compress.calibration.targets import resolve_targets
 from compress.core.counting import flops_per_token as _flops
 from compress.core.errors import UnsupportedModelError
@@ -25,31 +27,47 @@ from compress.data import Text, load_text, tokenize
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    return next(p.device for p in model.parameters() if not p.is_meta)
+
+
+def _streamed_logits(model, store, windows: torch.Tensor, batch_size: int, device, progress: bool):
+    """Logits of every batch of ``windows`` for a model whose blocks stay on disk: the blocks are read one
+    at a time (:func:`compress.calibration.runner.run_sequential` with the store), all windows go through
+    each, then the model's own forward after its blocks (norm, head) runs with the head loaded."""
+    walk = run_sequential(model, windows, lambda i, b, inp, d: BlockResult(outputs=block_outputs(b, inp)),
+                          batch_size=batch_size, device=device, store=store, progress=progress, desc="eval (streamed)",
+                          keep_outputs=True)
+    with store.outer(device, head=True):
+        for k, start in enumerate(range(0, windows.shape[0], batch_size)):
+            batch = windows[start:start + batch_size].to(device)
+            yield forward_after_blocks(model, batch, walk["outputs"][k], walk["tuple_out"]).logits
 
 
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int, max_windows: Optional[int] = None, batch_size: int = 1,
-                        bos_token_id: Optional[int] = None, progress: bool = True, desc: str = "eval") -> Dict:
+                        bos_token_id: Optional[int] = None, progress: bool = True, desc: str = "eval",
+                        store=None, device=None) -> Dict:
+    """Perplexity of ``model`` on non-overlapping windows of ``ids`` (see the module docstring). ``store``: a
+    :class:`~compress.calibration.onload.DiskBlocks` for a model on the meta device (blocks streamed from
+    disk, every window through one block at a time); the numbers are those of the loaded model."""
     nwin = ids.numel() // seqlen
     if max_windows is not None:
         nwin = min(nwin, max_windows)
     if nwin == 0:
         raise ValueError(f"eval text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
-    device = model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     nll = 0.0
     count = 0
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, nwin, batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = windows[start:start + batch_size].to(device)
-        if bos_token_id is not None:
-            bos = torch.full((batch.shape[0], 1), bos_token_id, dtype=batch.dtype, device=device)
-            inputs = torch.cat([bos, batch], dim=1)
-        else:
-            inputs = batch
-        logits = model(input_ids=inputs, use_cache=False).logits
+    if bos_token_id is not None:
+        windows = torch.cat([torch.full((nwin, 1), bos_token_id, dtype=windows.dtype), windows], dim=1)
+    streamed = _streamed_logits(model, store, windows, batch_size, device, progress) if store is not None else None
+    for start in tqdm(range(0, nwin, batch_size), desc=desc, disable=not progress or store is not None, unit="batch"):
+        inputs = windows[start:start + batch_size].to(device)
+        batch = inputs[:, 1:] if bos_token_id is not None else inputs
+        logits = next(streamed) if streamed is not None else model(input_ids=inputs, use_cache=False).logits
         if bos_token_id is not None:
             logits, targets = logits[:, :-1], batch  # position 0 (BOS) predicts token 0
         else:
@@ -59,20 +77,23 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int, max_windows: Opti
             loss = F.cross_entropy(logits[b].float(), targets[b], reduction="sum")
             nll += float(loss.double())
             count += targets.shape[1]
+    if streamed is not None:
+        streamed.close()  # frees the head and embeddings
     model.train(was_training)
     mean = nll / count
     return {"ppl": math.exp(mean), "nll": mean, "windows": nwin, "tokens": count}
 
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 512, max_windows: Optional[int] = 40,
-               batch_size: int = 1, add_bos: bool = False, progress: bool = True) -> Dict:
+               batch_size: int = 1, add_bos: bool = False, progress: bool = True, store=None, device=None) -> Dict:
     """Perplexity plus the protocol record for one dataset."""
     text: Text = load_text(dataset, role="eval")
     ids = tokenize(tokenizer, text)
     bos = tokenizer.bos_token_id if add_bos else None
     if add_bos and bos is None:
         raise ValueError("eval.add_bos=true but the tokenizer has no BOS token")
-    out = perplexity_from_ids(model, ids, seqlen, max_windows, batch_size, bos, progress, desc=f"eval {dataset}")
+    out = perplexity_from_ids(model, ids, seqlen, max_windows, batch_size, bos, progress, desc=f"eval {dataset}",
+                              store=store, device=device)
     out["protocol"] = {
         "dataset": text.name, "split": text.split, "origin": text.origin, "sha256": text.sha256,
         "join_rule": text.join_rule, "tokenization": "whole text, add_special_tokens=False",
@@ -106,6 +127,26 @@ def flops_metrics(model, seqlen: int) -> Dict:
     kernels multiply them)."""
     f = flops_per_token(model, seqlen)
     return {"flops_per_token": f["total"], "flops_seqlen": seqlen, "flops_attention_counted": f["attention_counted"]}
+
+
+@torch.no_grad()
+def size_metrics_from_checkpoint(model, reader, targets=(r".*",), ignore=()) -> Dict:
+    """:func:`size_metrics` of a model on the meta device, from its checkpoint, one tensor at a time."""
+    total = nonzero = nbytes = 0
+    lin = {f"{n}.weight" for n in resolve_targets(model, targets, ignore).qualified_names()}
+    lin_total = lin_zero = saved = 0
+    for name in reader.names():
+        t = reader.read([name])[name]
+        nz = int(torch.count_nonzero(t))
+        total, nonzero, nbytes = total + t.numel(), nonzero + nz, nbytes + t.numel() * t.element_size()
+        if name in lin:
+            zeros = t.numel() - nz
+            lin_total, lin_zero = lin_total + t.numel(), lin_zero + zeros
+            saved += max(0, t.numel() * t.element_size() - ((t.numel() - zeros) * t.element_size() + (t.numel() + 7) // 8))
+        del t
+    nbytes += sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_meta)
+    return {"params_total": total, "params_nonzero": nonzero, "sparsity": lin_zero / lin_total if lin_total else 0.0,
+            "prunable_params": lin_total, "footprint_mb": nbytes / 2**20, "footprint_sparse_mb": (nbytes - saved) / 2**20}
 
 
 @torch.no_grad()

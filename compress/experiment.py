@@ -28,14 +28,19 @@ from compress.core.config import dataset_key
 from compress.core.errors import CompressError, ConfigError, SaveError
 from compress.core.modules import weights_fingerprint
 from compress.core.runtime import resolve_device, scoped_torch_flags, seed_everything
-from compress.evaluate import flops_metrics, perplexity, size_metrics
+from compress.evaluate import flops_metrics, perplexity, size_metrics, size_metrics_from_checkpoint
 from compress.lmeval import zero_shot
-from compress.models import load_model, meta_model, model_identity
+from compress.calibration.blocks import find_blocks
+from compress.calibration.onload import CheckpointReader, DiskBlocks, skeleton
+from compress.core.modules import tensors_fingerprint
+from compress.models import (decide_load, load_model, load_tokenizer, local_checkpoint, meta_model, model_identity,
+                             resolve_dtype)
 from compress.record import RunRecord, code_version
 from compress.reload import verify_saved
 from compress.registry import NoneConfig
 from compress.speed import prefill_throughput, semi_structured_available, serving_speed, to_semi_structured
 from compress.stages import STAGES, PretrainedSaver, StageContext, StageResult
+from compress.stages.base import DiskSaver
 from compress.stages.structured import save_probe_logits
 
 REUSE_KEY = ("output", "reuse_other_code")  # not part of a cell's identity
@@ -63,12 +68,20 @@ def evaluate_into(rec: RunRecord, ctx: StageContext, label: str = "ppl") -> Dict
     out = {}
     for ds in e.datasets:
         key = dataset_key(ds)
-        res = perplexity(ctx.model, ctx.tokenizer, ds, e.seqlen, e.max_windows, e.batch_size, e.add_bos)
+        res = perplexity(ctx.model, ctx.tokenizer, ds, e.seqlen, e.max_windows, e.batch_size, e.add_bos,
+                         store=read_store(ctx), device=ctx.device)
         out[key] = res["ppl"]
         rec.data["metrics"].setdefault(label, {})[key] = res["ppl"]
         rec.data["protocol"][key] = dict(res["protocol"], source=ds)
         rec.save()
     return out
+
+
+def read_store(ctx: StageContext):
+    """A model on disk: the block store that reads its current weights (None for a model in memory)."""
+    if ctx.weights is None:
+        return None
+    return DiskBlocks(ctx.model, CheckpointReader(ctx.weights), find_blocks(ctx.model)[0], ctx.dtype())
 
 
 def zero_shot_into(rec: RunRecord, ctx: StageContext, info: Dict) -> None:
@@ -151,7 +164,12 @@ def save_into(rec: RunRecord, ctx: StageContext, saver, save_to: Path, info: Dic
     in a fresh process. A checkpoint that does not reload is moved aside and, where the stage offers one,
     the working alternative is saved instead (recorded as such); else the run fails, naming the cause."""
     out = atomic_save(saver, ctx, save_to)
-    out["fingerprint"] = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())
+    names = resolve_targets(ctx.model).qualified_names()
+    if ctx.weights is not None:  # on disk: one weight at a time from the checkpoint
+        reader = CheckpointReader(ctx.weights)
+        out["fingerprint"] = tensors_fingerprint((n, reader.read([f"{n}.weight"])[f"{n}.weight"]) for n in sorted(names))
+    else:
+        out["fingerprint"] = weights_fingerprint(ctx.model, names)
     if ctx.facts.structured:  # logits on a fixed probe beside the model, for a logit-by-logit reload check
         out["probe"] = save_probe_logits(ctx.model, Path(save_to).parent / "probe_logits.safetensors")
     info.update(out)
@@ -302,7 +320,8 @@ def _dense_baseline(ctx: StageContext, sweep_dir: Path, recipe: Optional[str]) -
         # cell of a sweep evaluated the dense model again
         rec = RunRecord(d, base, device=ctx.device, seed=ctx.cfg.seed, recipe="dense", config_hash=chash,
                         code_version=code, description="dense baseline of the sweep")
-        rec.update_metrics(**size_metrics(ctx.model, _targets(ctx.cfg)[0], _targets(ctx.cfg)[1]),
+        rec.update_metrics(**(size_metrics(ctx.model, *_targets(ctx.cfg)) if ctx.weights is None else
+                              size_metrics_from_checkpoint(ctx.model, CheckpointReader(ctx.weights), *_targets(ctx.cfg))),
                            **flops_metrics(ctx.model, ctx.cfg.eval.speed_seqlen))
         sub = dataclasses.replace(ctx, cfg=base_cfg)
         final_evals(rec, sub)
@@ -316,10 +335,22 @@ def _targets(cfg: Config):
     return getattr(cfg.prune, "targets", (r".*",)), getattr(cfg.prune, "ignore", ())
 
 
-def prechecks(cfg: Config) -> None:
+def prechecks(cfg: Config, load: Optional[Dict] = None) -> None:
     """Before any weight is read: each active stage checks the model built on the meta device from its
-    config (group sizes that must divide widths, roles structured pruning must recognise)."""
+    config (group sizes that must divide widths, roles structured pruning must recognise); with the model
+    on disk (``load["mode"] == "disk"``), what the stages and evaluations cannot stream is refused."""
     stages = [STAGES[cfg.slot_stage(s)] for s in cfg.stages if getattr(cfg, s).method != "none"]
+    if load is not None and load["mode"] == "disk":
+        why = f" ({load['reason']})"
+        for s in stages:
+            if not hasattr(s, "disk_precheck"):
+                raise ConfigError(f"the {s.name} stage needs the whole model in memory; the model is streamed from "
+                                  f"disk{why}. Set model.load=memory (it must then fit) or drop the stage")
+            s.disk_precheck(cfg)
+        if cfg.eval.zero_shot.tasks or cfg.eval.speed:
+            raise ConfigError(f"eval.zero_shot and eval.speed need the whole model in memory; the model is streamed "
+                              f"from disk{why}. Perplexity streams; set eval.zero_shot.tasks=[] and eval.speed=false, "
+                              "or model.load=memory")
     stages = [s for s in stages if hasattr(s, "precheck")]
     if stages:
         meta = meta_model(cfg.model)
@@ -349,8 +380,10 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             print(f"compress: {recipe or 'run'} already finished in {done.parent} (config {chash}, code "
                   f"{json.loads(done.read_text()).get('code_version')}): skipped")
             return json.loads(done.read_text())
+    load = decide_load(cfg.model, resolve_device(cfg.model.device)) if model is None else {"mode": "memory",
+                                                                                           "reason": "model given"}
     if model is None:
-        prechecks(cfg)  # before any weight is read
+        prechecks(cfg, load)  # before any weight is read
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
@@ -362,26 +395,36 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
         rec.data["resume"] = resume
     targets, ignore = _targets(cfg)
     try:
+        weights = None
         with rec.stage("load", cfg.model.name) as info:
-            if model is None:
+            info["load"] = load
+            if model is None and load["mode"] == "disk":  # weights stay on disk: read block by block
+                weights = local_checkpoint(cfg.model)
+                model = skeleton(weights, resolve_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code,
+                                 cfg.model.revision)
+                tokenizer = load_tokenizer(cfg.model)
+            elif model is None:
                 model, tokenizer = load_model(cfg.model, device=device)
             info["dtype"] = str(next(model.parameters()).dtype)
-        ctx = StageContext(cfg, model, tokenizer, device, out_dir)
+        ctx = StageContext(cfg, model, tokenizer, device, out_dir, weights=weights)
 
         def sizes(m):  # the prune stage's selection; FLOPs at the speed measurement's length
-            return {**size_metrics(m, targets, ignore), **flops_metrics(m, cfg.eval.speed_seqlen)}
+            size = size_metrics(m, targets, ignore) if ctx.weights is None else \
+                size_metrics_from_checkpoint(m, CheckpointReader(ctx.weights), targets, ignore)
+            return {**size, **flops_metrics(m, cfg.eval.speed_seqlen)}
 
         rec.update_metrics(**sizes(model))
         if sweep_dir is not None and not cfg.is_dense_baseline():
             with scoped_torch_flags():
                 _dense_baseline(ctx, Path(sweep_dir), recipe)
-        saver = PretrainedSaver()
+        saver = DiskSaver(weights) if weights is not None else PretrainedSaver()
         for slot in cfg.stages:
             method = getattr(cfg, slot).method
             if method == "none":
                 continue
             stage = STAGES[cfg.slot_stage(slot)]()
             ctx.checkpoint_dir = ckpt_root / slot if ckpt_root is not None else None
+            ctx.work_dir = ckpt_root / slot if ckpt_root is not None else out_dir / "work" / slot
             with rec.stage(slot, method) as info, scoped_torch_flags():
                 if stage.name != slot:
                     info["stage"] = stage.name
@@ -393,6 +436,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
                     raise
                 write_result(rec, info, result)
             ctx.model, ctx.facts = result.model, result.apply(ctx.facts)
+            ctx.weights = result.weights or ctx.weights
             saver = result.saver or saver
             rec.update_metrics(**sizes(ctx.model))
         save_failed = None
@@ -410,6 +454,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
         rec.finish("ok")
         if ckpt_root is not None and not cfg.output.keep_checkpoint:
             shutil.rmtree(ckpt_root, ignore_errors=True)
+        shutil.rmtree(out_dir / "work", ignore_errors=True)
     finally:
         if print_summary:
             print(summary_table(rec.data))

@@ -168,3 +168,46 @@ def model_identity(cfg: ModelConfig) -> dict:
             h.update(str(f.stat().st_size).encode())
             h.update(fh.read(min(n, 1 << 24)))
     return {"name": cfg.name, "path": str(path), "files": len(files), "sha256": h.hexdigest()}
+
+
+def local_checkpoint(cfg: ModelConfig) -> Path:
+    """The model's checkpoint directory on this machine (a hub id is downloaded: config, tokenizer and
+    safetensors files only)."""
+    path = Path(model_path(cfg))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(cfg.name, revision=cfg.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+
+
+def decide_load(cfg: ModelConfig, device: str) -> dict:
+    """memory or disk (``model.load``; auto: disk when the loaded weights would take more than half of the
+    available host memory), with the figures behind the choice."""
+    from compress.core.memory import MiB, free_memory_bytes
+
+    if cfg.load != "auto":
+        return {"mode": cfg.load, "reason": f"model.load={cfg.load}"}
+    path = Path(model_path(cfg))
+    files = list(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return {"mode": "memory", "reason": "model.load=auto: no local safetensors checkpoint to stream from"}
+    stored = sum(f.stat().st_size for f in files)
+    import json
+    import torch
+
+    try:  # bytes per value on disk vs in the run's dtype
+        disk_dtype = json.loads((path / "config.json").read_text()).get("torch_dtype") or \
+            json.loads((path / "config.json").read_text()).get("dtype") or "float32"
+    except (OSError, ValueError):
+        disk_dtype = "float32"
+    run_dtype = resolve_dtype(cfg.dtype, device)
+    per = torch.empty(0, dtype=run_dtype).element_size() / torch.empty(0, dtype=getattr(torch, str(disk_dtype),
+                                                                                       torch.float32)).element_size()
+    need = stored * per
+    free = free_memory_bytes("cpu")
+    mode = "disk" if free is not None and need > 0.5 * free else "memory"
+    return {"mode": mode, "reason": f"model.load=auto: the weights take {need / MiB:.0f} MiB loaded, "
+                                    f"{'over' if mode == 'disk' else 'within'} half of the {free / MiB:.0f} MiB available",
+            "weights_mb": round(need / MiB, 1), "available_mb": round(free / MiB, 1) if free else None}

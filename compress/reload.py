@@ -124,9 +124,12 @@ def _child(model_dir: Path, job: Dict, timeout: float = 1800) -> Dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def fits_in_memory(model_dir: Path, factor: float = 3.0, budget: float = 0.5) -> bool:
-    """A full reload here fits: ``factor`` x the checkpoint's bytes (packed weights decompress to floats)
-    within ``budget`` of the free host memory."""
+def fits_in_memory(model_dir: Path, factor: Optional[float] = None, budget: float = 0.5) -> bool:
+    """A full reload here fits: ``factor`` x the checkpoint's bytes within ``budget`` of the free host memory.
+    Default factor: 3 for a quantized checkpoint (packed weights decompress to floats), else 1.2 (the floats
+    are read as they are stored)."""
+    if factor is None:
+        factor = 3.0 if _quant_method(Path(model_dir)) else 1.2
     size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     free = free_memory_bytes("cpu")
     return free is None or size * factor <= budget * free

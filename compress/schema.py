@@ -28,9 +28,14 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: Optional[str] = None
     attn_implementation: Optional[str] = None
+    # where the weights live while the stages run: memory (loaded whole), disk (built on the meta device; each
+    # block read from the checkpoint when its turn comes, compressed, written to the output and freed), or
+    # auto (disk when the loaded model would take more than half of the available host memory)
+    load: str = "auto"
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.load", self.load, ("auto", "memory", "disk"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"model.device={self.device!r} is not valid. Valid choices: auto, cpu, cuda, cuda:N, mps")
         if not self.name:

@@ -98,6 +98,7 @@ class CapturedInputs:
     args: List[List[tuple]]
     kwargs: List[List[Dict[str, Any]]]
     hidden_in_kwargs: List[bool]
+    tuple_out: bool = False  # the blocks return a tuple (hidden states first)
 
     def __len__(self):
         return len(self.hidden)
@@ -174,8 +175,18 @@ def _split_call(args: tuple, kwargs: dict):
 
 
 @contextlib.contextmanager
-def _onloaded(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, device, offload: bool):
-    """Put everything but the blocks on ``device`` (blocks stay where they are when offloading)."""
+def _onloaded(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, device, offload: bool, store=None):
+    """Put everything but the blocks on ``device`` (blocks stay where they are when offloading). With a
+    ``store`` that has an ``outer`` context (a model on the meta device), that context loads what lies
+    outside the blocks and frees it after."""
+    if store is not None and hasattr(store, "outer"):
+        with store.outer(device):
+            for name, buf in model.named_buffers():  # e.g. rotary frequencies, computed at construction
+                if not name.startswith(blocks_name + ".") and buf.device != torch.device(device) and not buf.is_meta:
+                    mod_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
+                    setattr(model.get_submodule(mod_name), attr, buf.to(device))
+            yield
+        return
     if not offload:
         model.to(device)
         yield
@@ -200,7 +211,7 @@ def _forward(model, batch):
 
 
 @torch.no_grad()
-def _real_first_batch(model, blocks, batch, device, offload) -> Tuple[List[Tuple[tuple, dict]], bool]:
+def _real_first_batch(model, blocks, batch, device, offload, store=None) -> Tuple[List[Tuple[tuple, dict]], bool]:
     """One real forward of ``batch`` through every block (onloading each when offloaded), recording each
     block's arguments with pre-hooks. Returns them and whether a block returns a tuple."""
     seen: List[Tuple[tuple, dict]] = []
@@ -209,7 +220,9 @@ def _real_first_batch(model, blocks, batch, device, offload) -> Tuple[List[Tuple
 
     def pre(i):
         def hook(module, args, kwargs):
-            if offload:
+            if store is not None:
+                store.onload(i, module, device)
+            elif offload:
                 module.to(device)
             _, rest, kw, _ = _split_call(args, kwargs)
             seen.append((rest, kw))
@@ -217,7 +230,9 @@ def _real_first_batch(model, blocks, batch, device, offload) -> Tuple[List[Tuple
 
     def post(i):
         def hook(module, args, kwargs, out):
-            if offload:
+            if store is not None:
+                store.release(i, module)
+            elif offload:
                 module.to("cpu")
             if i == 0:
                 tuple_out[0] = isinstance(out, (tuple, list))
@@ -279,24 +294,30 @@ def _stub_capture(model, blocks_name, blocks, batches, tuple_out: bool) -> Captu
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1, device=None,
-                         offload: bool = False, check: bool = True, check_tokens: int = 64) -> CapturedInputs:
+                         offload: bool = False, check: bool = True, check_tokens: int = 64, store=None) -> CapturedInputs:
     """Record the first block's hidden states and every block's own arguments, per batch of ``input_ids``.
 
     ``check``: run the first ``check_tokens`` tokens of the first sample through the real blocks once, and
     through the recorders, and verify that the recorded arguments equal those the blocks really receive
-    (refusing the model otherwise). It costs about ``check_tokens`` tokens of one forward.
+    (refusing the model otherwise). It costs about ``check_tokens`` tokens of one forward (and, for a
+    model on the meta device, one read of every block).
+
+    ``store``: where the blocks live between turns (:mod:`compress.calibration.runner`); one with an
+    ``outer`` context holds a model on the meta device (:class:`compress.calibration.onload.DiskBlocks`).
     """
     blocks_name, blocks = find_blocks(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = next(p.device for p in model.parameters() if not p.is_meta) if store is None else torch.device("cpu")
+    device = torch.device(device)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     tuple_out = False
     try:
-        with _onloaded(model, blocks_name, blocks, device, offload):
+        with _onloaded(model, blocks_name, blocks, device, offload, store):
             batches = [input_ids[s:s + batch_size].to(device) for s in range(0, input_ids.shape[0], batch_size)]
             if check and batches:
                 probe = batches[0][:1, :check_tokens]
-                real, tuple_out = _real_first_batch(model, blocks, probe, device, offload)
+                real, tuple_out = _real_first_batch(model, blocks, probe, device, offload, store)
                 stub = _stub_capture(model, blocks_name, blocks, [probe], tuple_out)
                 bad = [i for i, (rest, kw) in enumerate(real)
                        if not (_same(rest, stub.args[i][0]) and _same(kw, stub.kwargs[i][0]))]
@@ -309,6 +330,7 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
                         "once and replayed block by block; compress refuses this model rather than calibrate on "
                         "wrong activations")
             cap = _stub_capture(model, blocks_name, blocks, batches, tuple_out)
+            cap.tuple_out = tuple_out
     finally:
         model.config.use_cache = use_cache
     if len(cap) == 0:
@@ -319,3 +341,30 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 @torch.no_grad()
 def block_outputs(block: nn.Module, inputs: BlockInputs) -> List[torch.Tensor]:
     return [inputs.call(block, i) for i in range(len(inputs))]
+
+
+@torch.no_grad()
+def forward_after_blocks(model: nn.Module, input_ids: torch.Tensor, final_hidden: torch.Tensor, tuple_out: bool):
+    """The model's own forward of ``input_ids`` with the blocks replaced by ``final_hidden`` (the last block's
+    outputs, computed elsewhere, e.g. block by block from disk): whatever the model does after its blocks
+    (final norm, head, logit soft-capping) runs as written. Returns the model's output."""
+    _, blocks = find_blocks(model)
+    own = [b.__dict__.get("forward") for b in blocks]
+
+    def first(*args, **kwargs):
+        return (final_hidden,) if tuple_out else final_hidden
+
+    def passthrough(*args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if tuple_out else h
+
+    for i, b in enumerate(blocks):
+        b.forward = first if i == 0 else passthrough
+    try:
+        return model(input_ids=input_ids, use_cache=False)
+    finally:
+        for b, f in zip(blocks, own):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f

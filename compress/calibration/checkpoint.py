@@ -80,6 +80,7 @@ class BlockCheckpoints:
         self.identity = identity
         self.write_seconds = 0.0
         self._states: List[Dict] = []
+        self._stored: List[bool] = []  # per finished block: whether it has a block file (not when kept elsewhere)
         self._mode: Dict = {}
 
     def _block_file(self, idx: int) -> Path:
@@ -103,6 +104,7 @@ class BlockCheckpoints:
                               "Start in a new run directory, or delete the checkpoint to start again")
         nxt = int(state["done"]) + 1
         self._states, self._mode = list(state["states"]), dict(state.get("mode") or {})
+        self._stored = list(state.get("stored") or [True] * len(self._states))
         self.write_seconds = float(state.get("write_seconds", 0.0))
         hidden, dense = [], None
         if nxt < int(self.identity["nblocks"]):
@@ -116,7 +118,10 @@ class BlockCheckpoints:
         return Resume(nxt, self._states, hidden, dense, self._mode)
 
     def load_block(self, idx: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """A finished block's state dict and its extra tensors."""
+        """A finished block's state dict and its extra tensors (none when the block was kept elsewhere, e.g. in
+        the output shards of a model on disk)."""
+        if not self._stored[idx]:
+            return {}, {}
         saved = load_file(str(self._block_file(idx)))
         block = {k[6:]: v for k, v in saved.items() if k.startswith("block.")}
         extra = {k[6:]: v for k, v in saved.items() if k.startswith("extra.")}
@@ -142,11 +147,12 @@ class BlockCheckpoints:
             inputs["rng"] = torch.get_rng_state()
             atomic_save_file(inputs, self._inputs_file(idx + 1))
         self._states.append(state)
+        self._stored.append(bool(tensors))
         if mode:
             self._mode = mode
         self.write_seconds += time.perf_counter() - t0
         atomic_write_text(self.path / STATE, json.dumps(
-            {"done": idx, "identity": self.identity, "states": self._states, "mode": self._mode,
+            {"done": idx, "identity": self.identity, "states": self._states, "stored": self._stored, "mode": self._mode,
              "write_seconds": round(self.write_seconds, 3)}, default=str))
         self._inputs_file(idx).unlink(missing_ok=True)
 

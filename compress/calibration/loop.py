@@ -169,7 +169,7 @@ class BlockLoop:
                  sequential: str = "auto", memory_budget: float = 0.5, device=None, offload: bool = False,
                  propagate: str = "pruned", batch_size: int = 1, dense_stream: bool = False, forced: str = "",
                  two_pass_reason: str = "", progress: bool = True, desc: str = "calibrate", stage: str = "",
-                 checkpoints=None):
+                 checkpoints=None, store=None):
         self.model, self.targets, self.method, self.compress_linear = model, targets, method, compress_linear
         self.sequential, self.memory_budget = sequential, memory_budget
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -177,6 +177,7 @@ class BlockLoop:
         self.dense_stream, self.forced, self.two_pass_reason = dense_stream, forced, two_pass_reason
         self.progress, self.desc, self.stage = progress, desc, stage
         self.checkpoints = checkpoints  # compress.calibration.checkpoint.BlockCheckpoints, or None
+        self.store = store  # where blocks live between turns (None: in the model)
         self.walk: Dict = {}  # what the walk reports (resumed_at, checkpoint seconds)
         self.mode: Dict = {}
         self.block_seconds: List[float] = []
@@ -214,7 +215,7 @@ class BlockLoop:
         self.walk = run_sequential(self.model, calib_ids, self.process_block, batch_size=self.batch_size,
                                    device=self.device, offload=self.offload, propagate=self.propagate,
                                    dense_stream=self.dense_stream, progress=self.progress, desc=self.desc,
-                                   checkpoints=self.checkpoints, persist=self)
+                                   checkpoints=self.checkpoints, persist=self, store=self.store)
         return self.mode
 
     def process_block(self, bidx: int, block: nn.Module, inputs: BlockInputs, dense: Optional[BlockInputs]):

@@ -74,7 +74,7 @@ class InMemoryBlocks:
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: BlockFn, batch_size: int = 1,
                    device=None, offload: bool = False, propagate: str = "pruned", dense_stream: bool = False,
                    progress: bool = True, desc: str = "calibrate", checkpoints: Optional[BlockCheckpoints] = None,
-                   persist: Optional[Persist] = None) -> Dict:
+                   persist: Optional[Persist] = None, store=None, keep_outputs: bool = False) -> Dict:
     """Walk the decoder blocks one at a time.
 
     ``process_block(index, block, inputs, dense_inputs)`` collects statistics and compresses the block
@@ -87,14 +87,18 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
     With ``checkpoints`` every finished block is checkpointed (its state, the next block's inputs and
     ``persist.state_of(idx)``), and a walk that finds a checkpoint restores the finished blocks and their
     states (``persist.restore``) and continues with the next one (:mod:`compress.calibration.checkpoint`).
-    Returns what the walk did: ``{"resumed_at": block or None, "checkpoint_write_seconds": s}``.
+    ``store`` says where the blocks live between turns: in the model (:class:`InMemoryBlocks`, the default)
+    or on disk (:class:`compress.calibration.onload.DiskBlocks`: read when their turn comes, written to the
+    output and freed after).
+    Returns what the walk did: ``{"resumed_at": block or None, "checkpoint_write_seconds": s}``, with
+    ``keep_outputs`` also the last block's outputs per batch (``outputs``) and ``tuple_out``.
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate={propagate!r}: expected 'pruned' or 'dense'")
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    store = InMemoryBlocks(offload)
-    captured = capture_block_inputs(model, input_ids, batch_size, device, offload)
+    store = store if store is not None else InMemoryBlocks(offload)
+    captured = capture_block_inputs(model, input_ids, batch_size, device, offload, store=store)
     hidden, captured.hidden = captured.hidden, []  # only the current block's inputs stay alive
     dense_hidden = hidden if dense_stream and propagate == "pruned" else None
     start, done = 0, {"resumed_at": None}
@@ -133,13 +137,16 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
                     raise RuntimeError("dense_stream=True: process_block must return the dense outputs")
                 dense_hidden = res.dense_outputs
         del inputs, dense, res
+        block_state = store.finished(idx, block)  # a store on disk writes the block to the output here
         if checkpoints is not None:
             state, tensors = persist.state_of(idx) if persist is not None else ({}, {})
-            checkpoints.save(idx, store.finished(idx, block), hidden, dense_hidden, state, tensors,
-                             mode=getattr(persist, "mode", None))
+            checkpoints.save(idx, block_state, hidden, dense_hidden, state, tensors, mode=getattr(persist, "mode", None))
+        del block_state
         store.release(idx, block)
-    if offload:
+    if offload and isinstance(store, InMemoryBlocks):
         model.to("cpu")
     if checkpoints is not None:
         done["checkpoint_write_seconds"] = round(checkpoints.write_seconds, 3)
+    if keep_outputs:
+        done.update(outputs=hidden, tuple_out=captured.tuple_out)
     return done

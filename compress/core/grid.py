@@ -147,3 +147,14 @@ def bits_per_weight(spec: GridSpec, in_features: int, scale_bits: int = 32) -> f
     and, when asymmetric, of the zero point (``bits`` packed)."""
     group = in_features if spec.group_size == -1 else spec.group_size
     return spec.bits + (scale_bits + (0 if spec.symmetric else spec.bits)) / group
+
+
+@torch.no_grad()
+def on_grid(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: GridSpec) -> bool:
+    """Every weight of ``w`` (``[out, in]``) equals its own code dequantized (exact in float32; a 16-bit weight
+    holds the grid value rounded to its dtype)."""
+    rtol = 0.0 if w.dtype == torch.float32 else torch.finfo(w.dtype).eps
+    w = w.detach().float().cpu()
+    s, z = expand(scale, spec, w.shape[1]), expand(zero, spec, w.shape[1])
+    deq = dequantize(quantize(w, s, z, spec.bits), s, z)
+    return bool(torch.equal(deq, w) if rtol == 0 else torch.allclose(deq, w, rtol=rtol, atol=0))

@@ -122,11 +122,17 @@ def weights_fingerprint(model: nn.Module, names) -> Dict:
     weight that rounds to -0.0 here is decoded as +0.0 from its integer code), in name order, and their
     zero counts. A process that imports only torch and transformers can recompute it
     (``compress reload-check``)."""
+    return tensors_fingerprint((name, dense_weight(model.get_submodule(name))) for name in sorted(names))
+
+
+def tensors_fingerprint(named) -> Dict:
+    """:func:`weights_fingerprint` of ``(module name, weight in storage layout)`` pairs in name order (e.g.
+    read one at a time from a checkpoint on disk)."""
     h = hashlib.sha256()
     zeros = {}
-    for name in sorted(names):
-        w = dense_weight(model.get_submodule(name)).float().contiguous().cpu() + 0.0  # -0.0 -> +0.0: values
+    for name, w in named:
+        w = w.float().contiguous().cpu() + 0.0  # -0.0 -> +0.0: values
         h.update(name.encode())
         h.update(w.numpy().tobytes())
         zeros[name] = int(w.numel() - torch.count_nonzero(w))
-    return {"sha256": h.hexdigest(), "modules": sorted(names), "zeros": zeros}
+    return {"sha256": h.hexdigest(), "modules": list(zeros), "zeros": zeros}

@@ -12,9 +12,14 @@ the run fails.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Protocol, Tuple
+
+from compress.calibration.blocks import find_blocks
+from compress.calibration.onload import CheckpointReader, DiskBlocks, ShardWriter
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,30 @@ class StageContext:
     facts: Facts = field(default_factory=Facts)
     # where this stage's block walk checkpoints every finished block and resumes from (None: no checkpoints)
     checkpoint_dir: Optional[Path] = None
+    # model.load=disk: the model is a skeleton on the meta device and its weights are in this checkpoint
+    # directory; a stage streams the blocks from it and returns the directory it wrote (StageResult.weights)
+    weights: Optional[Path] = None
+    work_dir: Optional[Path] = None  # this stage's own directory in the run (its output shards when on disk)
+
+    def dtype(self):
+        import torch
+
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    def disk_store(self) -> Optional[DiskBlocks]:
+        """For a model on disk: the block store that reads ``weights`` and writes this stage's output shards
+        into ``work_dir/weights`` (None for a model in memory)."""
+        if self.weights is None:
+            return None
+        blocks_name, _ = find_blocks(self.model)
+        store = DiskBlocks(self.model, CheckpointReader(self.weights), blocks_name, self.dtype())
+        store.writer = ShardWriter(Path(self.work_dir) / "weights", store.shards())
+        return store
+
+    def finish_disk(self, store: DiskBlocks) -> Path:
+        """The stage's output checkpoint complete: the tensors outside the blocks, the index, the config."""
+        store.write_outer()
+        return store.writer.finish(self.weights)
 
 
 @dataclass
@@ -61,6 +90,7 @@ class StageResult:
     facts: Dict = field(default_factory=dict)  # fields of Facts this stage sets
     saver: Optional[Saver] = None  # None: the model is saved with the previous stage's saver
     printed: str = ""  # what the stage shows the user (its table)
+    weights: Optional[Path] = None  # a model on disk: the checkpoint directory the stage wrote
 
     def apply(self, facts: Facts) -> Facts:
         return replace(facts, **self.facts) if self.facts else facts
@@ -83,3 +113,27 @@ class PretrainedSaver:
         tokenizer.save_pretrained(out_dir)
         return {"format": self.format, "path": str(out_dir),
                 "bytes": sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))}
+
+
+class DiskSaver:
+    """A model on disk: its checkpoint was written shard by shard by the last stage; saving links (or copies)
+    those files into place. Stock ``from_pretrained`` reads the sharded safetensors checkpoint."""
+
+    format = "safetensors (sharded, written block by block)"
+
+    def __init__(self, weights: Path):
+        self.weights = Path(weights)
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.weights.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, out_dir / f.name)
+                except OSError:
+                    shutil.copyfile(f, out_dir / f.name)
+        if not (out_dir / "tokenizer_config.json").exists():
+            tokenizer.save_pretrained(out_dir)
+        return {"format": self.format, "path": str(out_dir),
+                "bytes": sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))}

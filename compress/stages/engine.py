@@ -24,11 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from compress.calibration.blocks import BlockInputs, block_outputs
+from compress.calibration.blocks import BlockInputs, block_outputs, find_blocks
 from compress.calibration.loop import BlockLoop, LinearJob, LinearMethod, LinearResult
 from compress.calibration.stats import InputStats, StatsCollector
 from compress.calibration.targets import Targets
-from compress.core.grid import GridSpec, bits_per_weight
+from compress.core.grid import GridSpec, bits_per_weight, on_grid
 from compress.core.masks import check_nm
 from compress.core.memory import rss_peak_mb
 from compress.core.modules import weight_matrix
@@ -198,13 +198,18 @@ class _Loop(BlockLoop):
 def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, calib_ids: Optional[torch.Tensor],
                 *, sparsities: Optional[List[float]] = None, nm=None, batch_size: int = 1, device=None,
                 transforms: Sequence = (), progress: bool = True, desc: str = "compress", stage: str = "",
-                on_block: Optional[Callable[[int], None]] = None, checkpoints=None) -> LinearPass:
+                on_block: Optional[Callable[[int], None]] = None, checkpoints=None, store=None,
+                check_pattern=None) -> LinearPass:
     """Compress every target linear with ``method`` (see the module docstring). ``sparsities``: the target
     of each block (mask methods); ``nm``: the N:M pattern; ``cfg``: the method's config (loop settings and
     refinements are read from it when present); ``transforms``: block transforms run before each block's
     statistics (they need the calibration loop); ``checkpoints``: a
     :class:`~compress.calibration.checkpoint.BlockCheckpoints` the walk checkpoints every block into and
-    resumes from."""
+    resumes from; ``store``: where the blocks live between turns (None: in the model; a
+    :class:`~compress.calibration.onload.DiskBlocks` for a model on the meta device). Each entry says
+    whether the linear's zeros from before survived (``zeros_before``, ``zeros_kept``; with
+    ``check_pattern`` (N, M) also ``nm_kept``) and, when quantized, whether every weight lies on its grid
+    (``on_grid``): checked while the block is loaded, so nothing of the whole model is held for the checks."""
     result = LinearPass()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     full = dict(zip(targets.flat(), targets.qualified_names()))
@@ -218,6 +223,8 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
         w = weight_matrix(mod)  # [out, in], a view of the stored weight (Conv1D stores it transposed)
         w_dense = w.detach()
         keep = keep_mask(w_dense) if method.preserves_zeros else None
+        zmask = w_dense == 0
+        nz_before = int(zmask.sum())
         res: LinearResult = method.step(w_dense, stats, LinearJob(key, bidx, sparsities[bidx], nm, keep))
         # the error before the copy: w_dense may be the stored weight itself
         err = stats.relative_error(w_dense, res.weight) if stats is not None else None
@@ -231,10 +238,17 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
             entry["target"] = 1 - nm[0] / nm[1] if nm else sparsities[bidx]
         if nm:
             entry["nm_ok"] = check_nm(w, *nm)
+        if nz_before > SPARSE_MIN * w.numel():  # it had real zeros: were they kept?
+            entry["zeros_before"] = nz_before
+            entry["zeros_kept"] = not bool((w[zmask] != 0).any())
+            if check_pattern:
+                entry["nm_kept"] = check_nm(w, *check_pattern)
+        del zmask
         if res.spec is not None:
             result.spec = res.spec
             result.params[full[key]] = (res.scale.cpu(), None if res.zero is None else res.zero.cpu())
             entry["bits_per_weight"] = bits_per_weight(res.spec, w.shape[1])
+            entry["on_grid"] = on_grid(w, res.scale, res.zero, res.spec)
             entry["kept_zeros"] = keep is not None
         entry["seconds"] = round(time.perf_counter() - t0, 4)
         result.modules.append(entry)
@@ -250,11 +264,17 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
             on_block(bidx)
 
     if not method.needs_calibration and not transforms:
+        blocks = find_blocks(model)[1]
         for bidx, linears in enumerate(targets.per_block):
             t0 = time.perf_counter()
+            if store is not None:
+                store.onload(bidx, blocks[bidx], device)
             for name, mod in linears.items():
                 compress_linear(bidx, name, mod, None)
             block_entry(bidx, linears, t0)
+            if store is not None:
+                store.finished(bidx, blocks[bidx])
+                store.release(bidx, blocks[bidx])
         return result
 
     dense_stream = bool(getattr(cfg, "error_correction", False) or getattr(cfg, "reconstruct_epochs", 0)
@@ -266,7 +286,7 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
                  memory_budget=getattr(cfg, "memory_budget", 0.5), device=device, offload=getattr(cfg, "offload", False),
                  propagate=propagate, batch_size=batch_size, dense_stream=dense_stream, forced=forced,
                  two_pass_reason=f"{cfg.key('propagate')}=dense needs two passes" if propagate == "dense" else "",
-                 progress=progress, desc=desc, stage=stage, checkpoints=checkpoints)
+                 progress=progress, desc=desc, stage=stage, checkpoints=checkpoints, store=store)
     t_cal = time.perf_counter()
     result.mode = loop.run(calib_ids)
     result.calib_seconds = time.perf_counter() - t_cal

@@ -30,13 +30,13 @@ from compress.calibration.checkpoint import walk_checkpoints
 from compress.calibration.loop import mode_line
 from compress.calibration.targets import resolve_targets
 from compress.core.config import parse_pattern
-from compress.core.errors import ShortfallError
+from compress.core.errors import ConfigError, ShortfallError
 from compress.data import load_calibration
 from compress.pruning.base import MaskConfig
 from compress.pruning.schedule import layer_sparsities
 from compress.registry import spec_of
 from compress.schema import CalibConfig
-from compress.stages.base import PretrainedSaver, StageContext, StageResult
+from compress.stages.base import DiskSaver, PretrainedSaver, StageContext, StageResult
 from compress.stages.engine import linear_pass
 
 
@@ -138,13 +138,14 @@ def verify_sparsity(modules: List[Dict], pattern: str, expected: List[str], glob
 @torch.no_grad()
 def prune_model(model: nn.Module, tokenizer, cfg: MaskConfig, calib: Optional[CalibConfig] = None, device=None,
                 calib_ids: Optional[torch.Tensor] = None, progress: bool = True, verify: bool = True,
-                checkpoint_dir=None) -> PruneReport:
+                checkpoint_dir=None, store=None) -> PruneReport:
     """Prune ``model`` in place with the mask method ``cfg`` names and return the report.
 
     Refuses (:class:`~compress.core.errors.UnsupportedModelError`) before any work when the selected modules
     include some it cannot prune or when nothing is selected; with ``verify`` raises
     :class:`~compress.core.errors.ShortfallError` (carrying the report) when fewer modules, or less, than
-    targeted were pruned. ``checkpoint_dir``: the block walk checkpoints every block there and resumes from it.
+    targeted were pruned. ``checkpoint_dir``: the block walk checkpoints every block there and resumes from it;
+    ``store``: a :class:`~compress.calibration.onload.DiskBlocks` for a model on the meta device.
     """
     t_start = time.perf_counter()
     calib = calib or CalibConfig()
@@ -166,7 +167,8 @@ def prune_model(model: nn.Module, tokenizer, cfg: MaskConfig, calib: Optional[Ca
     report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
     done = linear_pass(model, method, cfg, targets, calib_ids, sparsities=sparsities, nm=nm,
                        batch_size=calib.batch_size, device=device, progress=progress, desc=f"prune {cfg.method}",
-                       stage="prune", checkpoints=walk_checkpoints(checkpoint_dir, calib_ids, len(targets.per_block)))
+                       stage="prune", checkpoints=walk_checkpoints(checkpoint_dir, calib_ids, len(targets.per_block)),
+                       store=store)
     report.modules, report.blocks, report.mode, report.walk = done.modules, done.blocks, done.mode, done.walk
     report.blocks_reconstruction, report.calib_seconds = done.reconstruction, done.calib_seconds
     report.seconds = time.perf_counter() - t_start
@@ -180,19 +182,31 @@ class PruneStage:
 
     name = "prune"
 
+    @staticmethod
+    def disk_precheck(cfg) -> None:
+        """model.load=disk: what needs every block at once is refused before loading."""
+        p = cfg.prune
+        if getattr(p, "schedule", "uniform") != "uniform":
+            raise ConfigError(f"prune.schedule={p.schedule} walks the model twice (outlier ratios, then pruning), "
+                              "which model.load=disk does not support yet; use prune.schedule=uniform or model.load=memory")
+        if getattr(p, "scope", "") == "global":
+            raise ConfigError("prune.scope=global needs every weight at once (one threshold over the whole model), "
+                              "which model.load=disk does not support; use prune.scope=layer or model.load=memory")
+
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg.prune
+        store = ctx.disk_store()
         try:
             report = prune_model(ctx.model, ctx.tokenizer, cfg, ctx.cfg.calib, device=ctx.device,
-                                 checkpoint_dir=ctx.checkpoint_dir)
+                                 checkpoint_dir=ctx.checkpoint_dir, store=store)
         except ShortfallError as e:  # what it did is recorded before the stage fails
             if isinstance(e.result, PruneReport):
                 e.result = self._result(ctx, e.result)
             raise
-        return self._result(ctx, report)
+        return self._result(ctx, report, ctx.finish_disk(store) if store is not None else None)
 
     @staticmethod
-    def _result(ctx: StageContext, report: PruneReport) -> StageResult:
+    def _result(ctx: StageContext, report: PruneReport, weights=None) -> StageResult:
         summary = dict(report.summary(), check=report.check)
         if report.mode:
             summary.update(mode=report.mode["chosen"], mode_decision=report.mode)
@@ -201,4 +215,5 @@ class PruneStage:
         return StageResult(ctx.model, summary=summary, sections={"prune_report": report.to_dict()},
                            protocol={"calibration": report.calibration},
                            facts={"nm": ctx.cfg.prune.nm, "pattern": ctx.cfg.prune.pattern},
-                           saver=PretrainedSaver(), printed=report.table())
+                           saver=DiskSaver(weights) if weights is not None else PretrainedSaver(), printed=report.table(),
+                           weights=weights)

@@ -26,7 +26,7 @@ from torch import nn
 from compress.calibration.checkpoint import walk_checkpoints
 from compress.calibration.targets import resolve_targets
 from compress.core.errors import ConfigError, ShortfallError, UnsupportedModelError
-from compress.core.grid import GridSpec, dequantize, expand, quantize
+from compress.core.grid import GridSpec
 from compress.core.masks import check_nm
 from compress.core.modules import dense_weight, unique_parameters, weight_matrix
 from compress.data import load_calibration
@@ -35,7 +35,7 @@ from compress.quant.export import save_compressed_tensors, sparsity_sidecar
 from compress.registry import get, spec_of
 from compress.schema import CalibConfig
 from compress.speed import dense_forward_seconds
-from compress.stages.base import PretrainedSaver, StageContext, StageResult
+from compress.stages.base import DiskSaver, PretrainedSaver, StageContext, StageResult
 from compress.stages.engine import linear_pass
 from compress.pruning.schedule import layer_sparsities
 from compress.stages.prune import achieved_sparsity, verify_sparsity
@@ -110,28 +110,22 @@ def check_zeros(before: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor
             "ok": not broken and not nm_bad}
 
 
-@torch.no_grad()
-def check_on_grid(params: Dict[str, tuple], spec: GridSpec, weights: Dict[str, torch.Tensor], full: Dict[str, str]) -> Dict:
-    """Every quantized weight equals its own code dequantized: what a packed checkpoint will hold."""
-    off = []
-    for name, w in weights.items():
-        if full[name] not in params:
-            continue
-        scale, zero = params[full[name]]
-        # exact in float32; a 16-bit model holds the grid values rounded to its dtype
-        rtol = 0.0 if w.dtype == torch.float32 else torch.finfo(w.dtype).eps
-        w = w.detach().float().cpu()
-        s, z = expand(scale, spec, w.shape[1]), expand(zero, spec, w.shape[1])
-        deq = dequantize(quantize(w, s, z, spec.bits), s, z)
-        if not (torch.equal(deq, w) if rtol == 0 else torch.allclose(deq, w, rtol=rtol, atol=0)):
-            off.append(name)
-    return {"on_grid": not off, "off_grid": off[:10]}
+def checks_from_entries(modules: List[Dict], nm=None) -> Dict:
+    """:func:`check_zeros` from the engine's per-linear entries (``zeros_before``, ``zeros_kept``, ``nm_kept``),
+    which were checked while each block was loaded."""
+    had = [m for m in modules if m.get("zeros_before")]
+    broken = [m["name"] for m in had if not m.get("zeros_kept")]
+    nm_bad = [m["name"] for m in had if nm is not None and not m.get("nm_kept")]
+    return {"modules_with_zeros": len(had), "zeros": sum(m["zeros_before"] for m in had),
+            "zeros_kept": not broken, "broken": broken[:10], "nm_pattern": f"{nm[0]}:{nm[1]}" if nm else None,
+            "nm_groups": sum(m["rows"] * (m["cols"] // nm[1]) for m in had) if nm else None,
+            "nm_exact": (not nm_bad) if nm else None, "ok": not broken and not nm_bad}
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig] = None, device=None,
                    calib_ids: Optional[torch.Tensor] = None, nm=None, transforms=(), progress: bool = True,
-                   checkpoint_dir=None):
+                   checkpoint_dir=None, store=None):
     """Quantize ``model`` with the quantizer ``cfg`` names (grid quantizers: in place; bitsandbytes: a new
     model) and return ``(model, QuantReport)``. ``nm``: the N:M pattern of an earlier prune stage, checked
     after quantization. ``transforms``: block transforms (their configs) run before each block's
@@ -146,16 +140,17 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
                       "ignore": list(targets.ignore), "modules": len(targets)}
     flat = targets.flat()
     full = dict(zip(flat, targets.qualified_names()))
-    zeros_before = {n: (weight_matrix(m) == 0).cpu() for n, m in flat.items()
-                    if float((weight_matrix(m) == 0).float().mean()) > 0.01}
 
     if isinstance(method, ModelQuantizer):
+        zeros_before = {n: (weight_matrix(m) == 0).cpu() for n, m in flat.items()
+                        if float((weight_matrix(m) == 0).float().mean()) > 0.01}
         model = method.quantize(model, list(full.values()), device)
         bpw = cfg.bits_per_weight()
         report.modules = [{"name": full[n], "type": type(model.get_submodule(full[n])).__name__,
                            "numel": int(flat[n].weight.numel()), "bits_per_weight": bpw, "rel_error": None} for n in flat]
         report.mode = {"chosen": "bitsandbytes", "config": method.config.to_dict()}
         weights = {n: dense_weight(model.get_submodule(full[n])) for n in flat}
+        report.check = check_zeros(zeros_before, weights, nm)
     else:
         bad = [f"{n} ({weight_matrix(m).shape[1]} inputs)" for n, m in flat.items()
                if cfg.group_size != -1 and weight_matrix(m).shape[1] % cfg.group_size]
@@ -177,28 +172,28 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
                                           batch_size=calib.batch_size, device=device, offload=cfg.offload,
                                           progress=progress)
             report.layer_sparsities = sparsities if cfg.schedule != "uniform" else None
+        nm = nm or own_nm
         done = linear_pass(model, method, cfg, targets, calib_ids if needs_calib else None,
                            sparsities=sparsities, nm=own_nm, batch_size=calib.batch_size,
                            device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant",
                            checkpoints=walk_checkpoints(checkpoint_dir, calib_ids if needs_calib else None,
-                                                        len(targets.per_block)))
+                                                        len(targets.per_block)), store=store, check_pattern=nm)
         report.modules, report.mode, report.params, report.spec = done.modules, done.mode, done.params, done.spec
-        report.walk = done.walk
         report.transforms = done.transforms
-        weights = {n: weight_matrix(m) for n, m in flat.items()}
+        report.walk = done.walk
         missing = [n for n in flat if n not in {m["name"] for m in report.modules}]
         if missing:
             raise ShortfallError(f"quantize: {targets.describe()}: quantized {len(flat) - len(missing)} of the "
                                  f"{len(flat)} selected modules (never reached by the calibration forward: "
                                  f"{missing[:6]})", result=report)
-        nm = nm or own_nm
-    report.check = check_zeros(zeros_before, weights, nm)
+        report.check = checks_from_entries(report.modules, nm)
     if any("target" in m for m in report.modules):  # the joint method: its own sparsity target, as a prune stage
         sp = verify_sparsity(report.modules, cfg.pattern, list(flat))
         report.check.update(sparsity=sp)
         report.check["ok"] = report.check["ok"] and sp["ok"]
     if report.spec is not None:
-        report.check.update(check_on_grid(report.params, report.spec, weights, full))
+        off = [m["name"] for m in report.modules if not m.get("on_grid", False)]
+        report.check.update(on_grid=not off, off_grid=off[:10])
         report.check["ok"] = report.check["ok"] and report.check["on_grid"]
     report.seconds = time.perf_counter() - t0
     if not report.check["ok"]:
@@ -256,13 +251,38 @@ class DequantizedSaver(PretrainedSaver):
         self.report = report
 
     def save(self, model, tokenizer, out_dir: Path) -> Dict:
-        import json
-
         out = super().save(model, tokenizer, out_dir)
-        s = self.report.spec
-        (Path(out_dir) / "compress_quantization.json").write_text(json.dumps(
-            {"method": self.report.method, "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
-             "modules": {n: list(sc.shape) for n, (sc, _) in self.report.params.items()}}, indent=1))
+        write_quantization_json(self.report, out_dir)
+        return dict(out, format=self.format)
+
+
+def write_quantization_json(report: QuantReport, out_dir: Path) -> None:
+    import json
+
+    s = report.spec
+    (Path(out_dir) / "compress_quantization.json").write_text(json.dumps(
+        {"method": report.method, "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+         "modules": {n: list(sc.shape) for n, (sc, _) in report.params.items()}}, indent=1))
+
+
+def _r(x, nd: int = 3):
+    return round(x, nd) if x is not None else None
+
+
+class DiskDequantizedSaver(DiskSaver):
+    """A model quantized block by block from disk: its shards hold the dequantized grid values (stock
+    ``from_pretrained`` reads them); the quantization (bits, group size, symmetry, scale shapes) is in
+    ``compress_quantization.json``. Packing into compressed-tensors from disk is not implemented yet."""
+
+    format = "safetensors (sharded, dequantized grid values; quantization in compress_quantization.json)"
+
+    def __init__(self, weights: Path, report: QuantReport):
+        super().__init__(weights)
+        self.report = report
+
+    def save(self, model, tokenizer, out_dir: Path) -> Dict:
+        out = super().save(model, tokenizer, out_dir)
+        write_quantization_json(self.report, out_dir)
         return dict(out, format=self.format)
 
 
@@ -286,30 +306,46 @@ class QuantStage:
                               + ", ".join(f"{n} ({w})" for n, w in bad[:8])
                               + f". Group sizes that divide every width: {ok or 'none'}; or -1 (per channel).")
 
+    @staticmethod
+    def disk_precheck(cfg) -> None:
+        """model.load=disk: quantizers that swap modules for their own (bitsandbytes) need the model in memory."""
+        if issubclass(spec_of(cfg.quant).impl, ModelQuantizer):
+            raise ConfigError(f"quant={cfg.quant.method} replaces the model's modules as a whole, which needs the model "
+                              "in memory; with model.load=disk use a grid quantizer (`compress list` shows them)")
+        if getattr(cfg.quant, "schedule", "uniform") != "uniform":
+            raise ConfigError(f"quant.schedule={cfg.quant.schedule} walks the model twice, which model.load=disk does "
+                              "not support yet; use quant.schedule=uniform or model.load=memory")
+
     def run(self, ctx: StageContext) -> StageResult:
         cfg, calib = ctx.cfg.quant, ctx.cfg.calib
         ids, cal_info = load_calibration(ctx.tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed,
                                          calib.text_field)
-        fwd = dense_forward_seconds(ctx.model, ids, calib.batch_size)  # the yardstick of this stage's time
+        store = ctx.disk_store()
+        # the yardstick of this stage's time (a dense forward needs the model in memory: none on disk)
+        fwd = dense_forward_seconds(ctx.model, ids, calib.batch_size) if store is None else None
         transforms = [ctx.cfg.transform] if ctx.cfg.transform.method != "none" else []
         t0 = time.perf_counter()
         try:
             model, report = quantize_model(ctx.model, ctx.tokenizer, cfg, calib, device=ctx.device, calib_ids=ids,
-                                           nm=ctx.facts.nm, transforms=transforms, checkpoint_dir=ctx.checkpoint_dir)
+                                           nm=ctx.facts.nm, transforms=transforms, checkpoint_dir=ctx.checkpoint_dir,
+                                           store=store)
         except ShortfallError as e:
             if isinstance(e.result, QuantReport):
-                e.result = StageResult(ctx.model, summary={"check": e.result.check, "forward_seconds": round(fwd, 3)},
+                e.result = StageResult(ctx.model, summary={"check": e.result.check, "forward_seconds": _r(fwd)},
                                        sections={"quant_report": e.result.to_dict()})
             raise
         seconds = time.perf_counter() - t0
         report.calibration = cal_info if report.mode.get("chosen") in ("single_pass", "two_pass") else {}
         sizes = packed_footprint(model, report)
-        summary = dict(report.summary(), **sizes, forward_seconds=round(fwd, 3), x_forward=round(seconds / fwd, 3),
+        summary = dict(report.summary(), **sizes, forward_seconds=_r(fwd), x_forward=_r(seconds / fwd if fwd else None),
                        check=report.check)
         metrics = {k: v for k, v in sizes.items() if v is not None}
         metrics.update(bits_per_weight=report.summary()["bits_per_weight_quantized"], quant_check=report.check)
         pattern = ctx.facts.pattern or getattr(cfg, "pattern", None)
-        if report.spec is not None:
+        weights = ctx.finish_disk(store) if store is not None else None
+        if weights is not None:  # written block by block: the grid values, the quantization beside them
+            saver = DiskDequantizedSaver(weights, report)
+        elif report.spec is not None:
             saver = CompressedTensorsSaver(report, cfg.targets, cfg.ignore, pattern)
             saver.fallback = DequantizedSaver(report)
         else:
@@ -318,4 +354,4 @@ class QuantStage:
                            protocol={"calibration": cal_info} if report.calibration else {},
                            facts={"quantized": True, "nm": ctx.facts.nm or getattr(cfg, "nm", None),
                                   "pattern": pattern},
-                           saver=saver, printed=report.table())
+                           saver=saver, printed=report.table(), weights=weights)
