@@ -16,6 +16,8 @@ from compress.compare import main as compare_main
 from compress.config import METHOD_GROUPS, group_options, register_configs, validate
 from compress.core.errors import CompressError, ConfigError
 from compress.experiment import run_experiment
+from compress.plan import estimate as plan_estimate
+from compress.plan import table as plan_table
 from compress.registry import not_a_key
 from compress.reload import reload_check
 
@@ -76,7 +78,8 @@ def list_options() -> str:
     launchers = sorted(f.stem for f in (config_dir() / "hydra" / "launcher").glob("*.yaml"))
     lines.append(f"  {'hydra/launcher':<10} basic (default), {', '.join(launchers)}   (sweeps: compress -m hydra/launcher=NAME ...)")
     lines.append("")
-    lines.append("Subcommands: compress list | compress compare DIR [DIR ...] | compress reload-check DIR")
+    lines.append("Subcommands: compress list | compress compare DIR [DIR ...] | compress reload-check DIR | "
+                 "compress plan [overrides] [--json FILE]")
     lines.append("Any key can be overridden, e.g. compress recipe=wanda_50 prune.sparsity=0.6 eval.max_windows=10")
     return "\n".join(lines)
 
@@ -172,6 +175,26 @@ def _task(cfg) -> None:
         raise
 
 
+def plan_main(argv: List[str]) -> int:
+    """``compress plan <the same overrides>``: estimates before loading (:mod:`compress.plan`)."""
+    import json
+
+    out = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        out, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    try:
+        config = validate(compose(argv))
+        p = plan_estimate(config)
+    except ConfigError as e:
+        print(f"compress: invalid config: {e}", file=sys.stderr)
+        return 2
+    print(plan_table(p))
+    if out:
+        Path(out).write_text(json.dumps(p, indent=1, default=str))
+    return 0
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "list":
@@ -187,6 +210,8 @@ def main(argv=None) -> None:
         print("\n".join(f"  {k}: {v}" for k, v in out.items() if k not in ("protocol", "config_sizes")))
         print(f"reload-check: {'ok' if out['ok'] else 'FAILED'} (written to {Path(argv[1]) / 'reload_check.json'})")
         sys.exit(0 if out["ok"] else 1)
+    if argv and argv[0] == "plan":
+        sys.exit(plan_main(argv[1:]))
     if argv and argv[0] in ("-h", "--help"):
         print(list_options())
         print("\nHydra options follow.\n")

@@ -33,6 +33,8 @@ from compress.lmeval import zero_shot
 from compress.calibration.blocks import find_blocks
 from compress.calibration.onload import CheckpointReader, DiskBlocks, skeleton
 from compress.core.modules import tensors_fingerprint
+from compress.plan import estimate as plan_estimate
+from compress.plan import refuse_if_it_cannot_fit
 from compress.models import (decide_load, load_model, load_tokenizer, local_checkpoint, meta_model, model_identity,
                              resolve_dtype)
 from compress.record import RunRecord, code_version
@@ -382,8 +384,11 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             return json.loads(done.read_text())
     load = decide_load(cfg.model, resolve_device(cfg.model.device)) if model is None else {"mode": "memory",
                                                                                            "reason": "model given"}
+    plan = None
     if model is None:
         prechecks(cfg, load)  # before any weight is read
+        plan = plan_estimate(cfg, measure=False)  # memory and disk from the config: refused here if it cannot fit
+        refuse_if_it_cannot_fit(cfg, plan)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
     OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
@@ -393,6 +398,12 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
                     config_hash=chash, code_version=code)
     if resume is not None:
         rec.data["resume"] = resume
+    if plan is not None:  # what `compress plan` estimated, beside what the stages measure
+        rec.data["plan"] = {"peak_host_mb": round(plan["peak_host_bytes"] / 2**20, 1),
+                            "disk_mb": round(plan["disk_bytes"] / 2**20, 1), "load": plan["load"]["mode"],
+                            "phases": [{"phase": p["phase"], "mode": p["mode"],
+                                        "host_mb": None if p["host_bytes"] is None else round(p["host_bytes"] / 2**20, 1)}
+                                       for p in plan["phases"]]}
     targets, ignore = _targets(cfg)
     try:
         weights = None
