@@ -221,6 +221,10 @@ def main(argv=None) -> None:
         precheck(argv)
     register_configs()
     register_recipes()
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:  # several ranks: rank 0 alone writes into the run directory
+        argv = argv + ["hydra.output_subdir=null"]
     sys.argv = [sys.argv[0]] + argv
     app = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)
     app()

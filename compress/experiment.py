@@ -27,6 +27,7 @@ from compress.config import Config
 from compress.core.config import dataset_key
 from compress.core.errors import CompressError, ConfigError, SaveError
 from compress.core.modules import weights_fingerprint
+from compress.core import distributed as dist
 from compress.core.runtime import resolve_device, scoped_torch_flags, seed_everything
 from compress.evaluate import flops_metrics, perplexity, size_metrics, size_metrics_from_checkpoint
 from compress.lmeval import zero_shot
@@ -371,11 +372,20 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     Each stage runs with torch's process-global switches (TF32, cuDNN flags) restored afterwards, so
     that one cell of a one-process sweep cannot change the numerics of the next.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = dist.init_from_env(resolve_device(cfg.model.device)) if model is None else None
+    out_dir = Path(dist.broadcast_object(str(out_dir)))  # several ranks: rank 0's run directory
+    lead = dist.rank() == 0
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
     cfg_dict = _config_dict(cfg, resolved)
     chash = config_hash(cfg_dict)
     code = code_version()
+    if ranks is not None:
+        refused = [s for s in cfg.stages if getattr(cfg, s).method != "none" and cfg.slot_stage(s) not in ("prune", "quant")]
+        if refused:
+            raise ConfigError(f"{ranks['world_size']} ranks: calibration across processes covers the prune and quant "
+                              f"stages; {', '.join(refused)} needs one process (launch without torchrun)")
+        skip_finished = False
     if skip_finished:
         done = find_finished(out_dir, chash, sweep_dir, code=code, reuse_other_code=cfg.output.reuse_other_code)
         if done is not None:
@@ -391,11 +401,15 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
         refuse_if_it_cannot_fit(cfg, plan)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.model.device)
-    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
-    ckpt_root = out_dir / "checkpoint" if cfg.output.checkpoint and model is None else None
+    if lead:
+        OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
+    # per-block checkpoints: one process (several ranks run without them)
+    ckpt_root = out_dir / "checkpoint" if cfg.output.checkpoint and model is None and ranks is None else None
     resume = resume_guard(ckpt_root, cfg_dict, code, model_identity(cfg.model)) if ckpt_root is not None else None
     rec = RunRecord(out_dir, cfg_dict, device=device, seed=cfg.seed, recipe=recipe, description=cfg.description,
-                    config_hash=chash, code_version=code)
+                    config_hash=chash, code_version=code, write=lead)
+    if ranks is not None:
+        rec.data["distributed"] = dict(ranks, rank=None, checkpoints="off (one process only)")
     if resume is not None:
         rec.data["resume"] = resume
     if plan is not None:  # what `compress plan` estimated, beside what the stages measure
@@ -450,6 +464,15 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             ctx.weights = result.weights or ctx.weights
             saver = result.saver or saver
             rec.update_metrics(**sizes(ctx.model))
+        if ranks is not None:  # every rank ends the stages with the same weights: checked, then rank 0 goes on
+            fp = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())["sha256"] \
+                if ctx.weights is None else None
+            shas = dist.gather_objects(fp)
+            rec.data["distributed"].update(rank_weights_sha256=shas, ranks_equal=len(set(shas)) == 1)
+            dist.barrier()
+            dist.destroy()
+            if not lead:
+                return rec.data
         save_failed = None
         if cfg.output.save_model:
             try:
@@ -467,7 +490,7 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             shutil.rmtree(ckpt_root, ignore_errors=True)
         shutil.rmtree(out_dir / "work", ignore_errors=True)
     finally:
-        if print_summary:
+        if print_summary and lead:
             print(summary_table(rec.data))
     return rec.data
 

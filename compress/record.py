@@ -136,7 +136,9 @@ def machine_info() -> Dict[str, Any]:
 class RunRecord:
     """Holds ``results.json`` for one run and rewrites it atomically on every change."""
 
-    def __init__(self, out_dir, config: Dict[str, Any], device: str = "cpu", seed: int = 0, **extra):
+    def __init__(self, out_dir, config: Dict[str, Any], device: str = "cpu", seed: int = 0, write: bool = True,
+                 **extra):
+        self.write = write  # several ranks: only rank 0 writes the record
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "results.json"
         self.device = str(device)
@@ -153,7 +155,8 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.write:
+            atomic_write_json(self.path, self.data)
 
     def set(self, section: str, key: str, value: Any) -> None:
         self.data.setdefault(section, {})[key] = value

@@ -39,6 +39,7 @@ from compress.calibration.runner import BlockResult, run_sequential
 from compress.calibration.stats import InputStats, StatsCollector, run_single_pass
 from compress.calibration.targets import Targets
 from compress.core.config import fraction, tristate
+from compress.core.distributed import broadcast_, broadcast_object, rank, world_size
 from compress.core.memory import free_memory_bytes
 from compress.core.modules import text_config
 
@@ -81,6 +82,7 @@ class LinearResult:
     zero: Optional[torch.Tensor] = None
     spec: Optional[object] = None  # compress.core.grid.GridSpec
     info: Dict = field(default_factory=dict)
+    kept_zeros: bool = False  # a pruned linear's zeros were held at zero
 
 
 class LinearMethod:
@@ -203,6 +205,49 @@ class BlockLoop:
     def after_block(self, bidx: int, linears: Dict[str, nn.Module], t0: float) -> None:
         self.block_seconds.append(time.perf_counter() - t0)
 
+    # -- several ranks (torch.distributed): statistics summed over ranks, the linears split between them
+    compute_linear = None  # (bidx, name, module, stats) -> LinearResult: set by a caller that supports ranks
+    apply_linear = None  # (bidx, name, module, stats, LinearResult): writes the weight, records the entry
+
+    def owners(self, names: List[str], linears: Dict[str, nn.Module]) -> Dict[str, int]:
+        """Which rank computes which linear: the largest (``out x in^2``, the column loop's cost) first, each to
+        the least loaded rank (the same answer on every rank)."""
+        load = [0.0] * world_size()
+        out = {}
+        cost = {n: float(linears[n].weight.numel()) * max(linears[n].weight.shape) for n in names}
+        for n in sorted(names, key=lambda n: (-cost[n], names.index(n))):
+            r = min(range(len(load)), key=lambda r: (load[r], r))
+            out[n] = r
+            load[r] += cost[n]
+        return out
+
+    def _share(self, res: Optional[LinearResult], owner: int, device) -> LinearResult:
+        """The owner's result, on every rank (weights and grid parameters broadcast as tensors)."""
+        mine = rank() == owner
+        meta = None
+        if mine:
+            meta = {"spec": res.spec, "info": res.info, "kept_zeros": res.kept_zeros,
+                    **{k: None if getattr(res, k) is None else (tuple(getattr(res, k).shape), getattr(res, k).dtype)
+                       for k in ("weight", "scale", "zero")}}
+        meta = broadcast_object(meta, src=owner)
+        tensors = {}
+        for k in ("weight", "scale", "zero"):
+            if meta[k] is None:
+                tensors[k] = None
+                continue
+            t = getattr(res, k).contiguous() if mine else torch.empty(meta[k][0], dtype=meta[k][1], device=device)
+            tensors[k] = broadcast_(t, owner)
+        return LinearResult(tensors["weight"], tensors["scale"], tensors["zero"], meta["spec"], dict(meta["info"]),
+                            meta["kept_zeros"])
+
+    def compress_split(self, bidx: int, names: List[str], linears: Dict[str, nn.Module], stats: Dict[str, InputStats]):
+        """Each rank computes the linears it owns, then every result is shared and applied on every rank."""
+        owners = self.owners(names, linears)
+        mine = {n: self.compute_linear(bidx, n, linears[n], stats[n]) for n in names if owners[n] == rank()}
+        for n in names:
+            res = self._share(mine.get(n), owners[n], linears[n].weight.device)
+            self.apply_linear(bidx, n, linears[n], stats[n], res)
+
     # -- what a checkpoint keeps of a finished block beyond its weights (see runner.Persist)
     def state_of(self, bidx: int) -> Tuple[Dict, Dict[str, torch.Tensor]]:
         return {}, {}
@@ -232,11 +277,31 @@ class BlockLoop:
             if self.progress:
                 print(mode_line(self.mode, self.stage))
         dense_outs = self.dense_outputs(bidx, block, dense)
+        groups = {s.name: s.group for s in shapes}
         collector = StatsCollector(linears, self.method.needs_hessian, self.method.needs_sqnorm, self.device,
-                                   groups={s.name: s.group for s in shapes}, moments=self.method.needs_moments)
+                                   groups=groups, moments=self.method.needs_moments)
+
+        ranks = world_size() > 1 and self.compute_linear is not None
+        reduced: List[InputStats] = []
+
+        def reduce(stats):  # statistics summed over ranks, once per distinct input
+            for st in stats:
+                if not any(st is r for r in reduced):
+                    st.all_reduce()
+                    reduced.append(st)
+
+        done = set()
 
         def compress_now(name):
-            self.compress_linear(bidx, name, linears[name], collector.stats[name])
+            if not ranks:
+                self.compress_linear(bidx, name, linears[name], collector.stats[name])
+            elif name not in done:  # the whole input group at once (q/k/v, gate/up read the same tensor),
+                # split over ranks; the others are released when the batches reach them
+                group = [s.name for s in shapes if s.group == groups[name] and s.name not in done]
+                st = collector.stats[name]  # the group's statistics (the others reach their hooks later)
+                reduce([st])
+                self.compress_split(bidx, group, linears, {n: st for n in group})
+                done.update(group)
             collector.release(name)  # its Hessian is freed after its last user
 
         try:
@@ -252,8 +317,15 @@ class BlockLoop:
                     result = BlockResult(dense_outputs=collector.forward_all(block, inputs))
                 else:
                     collector.collect_all(block, inputs)  # stops each batch after the last linear
-                for name in list(collector.order):
-                    compress_now(name)
+                if ranks:
+                    names = list(collector.order)
+                    reduce([collector.stats[n] for n in names])
+                    self.compress_split(bidx, names, linears, dict(collector.stats))
+                    for name in names:
+                        collector.release(name)
+                else:
+                    for name in list(collector.order):
+                        compress_now(name)
         finally:
             collector.remove()
         self.after_block(bidx, linears, t0)
@@ -282,6 +354,11 @@ def observe_blocks(model: nn.Module, calib_ids: torch.Tensor, observe: ObserveFn
             outs = collector.forward_all(block, inputs)
         finally:
             collector.remove()
+        seen: List[InputStats] = []
+        for st in collector.stats.values():  # several ranks: statistics summed over them
+            if not any(st is x for x in seen):
+                st.all_reduce()
+                seen.append(st)
         observe(bidx, block, inputs, outs, collector.stats)
         return BlockResult(dense_outputs=outs) if propagate == "dense" else BlockResult(outputs=outs)
 

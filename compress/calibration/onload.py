@@ -27,6 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from compress.calibration.checkpoint import atomic_save_file, atomic_write_text
+from compress.core.distributed import rank
 
 INDEX = "model.safetensors.index.json"
 
@@ -162,7 +163,7 @@ class DiskBlocks:
         load_module(block, self.prefix(idx), self.reader, device, self.dtype)
 
     def finished(self, idx: int, block: nn.Module) -> None:
-        if self.writer is not None:
+        if self.writer is not None and rank() == 0:  # several ranks hold the same weights: rank 0 writes
             self.writer.write(idx, {self.prefix(idx) + k: v for k, v in block.state_dict().items()})
         return None  # the output shard is the block's checkpoint
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from compress.calibration.blocks import BlockInputs, block_outputs, capture_block_inputs, find_blocks
 from compress.calibration.checkpoint import BlockCheckpoints
+from compress.core.distributed import rank, world_size
 
 
 @dataclass
@@ -98,6 +99,10 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, process_block: Blo
     _, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     store = store if store is not None else InMemoryBlocks(offload)
+    if world_size() > 1:  # each rank takes every world_size-th sample; the statistics are summed over ranks
+        if input_ids.shape[0] < world_size():
+            raise ValueError(f"{input_ids.shape[0]} calibration samples cannot be split over {world_size()} ranks")
+        input_ids = input_ids[rank()::world_size()]
     captured = capture_block_inputs(model, input_ids, batch_size, device, offload, store=store)
     hidden, captured.hidden = captured.hidden, []  # only the current block's inputs stay alive
     dense_hidden = hidden if dense_stream and propagate == "pruned" else None

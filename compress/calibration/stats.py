@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress.calibration.blocks import BlockInputs
+from compress.core.distributed import active, all_reduce_sum_
 from compress.core.linalg import damped_inverse_cholesky
 
 
@@ -100,6 +101,18 @@ class InputStats:
             self.samples.append(take.clone())
             self._sampled += take.shape[0]
         self.tokens += n
+
+    def all_reduce(self) -> None:
+        """Several ranks, each with a slice of the calibration samples: every sum summed over the ranks (the
+        token subsample for error estimates stays each rank's own)."""
+        if not active():
+            return
+        if self._full or self._factors:
+            raise RuntimeError("InputStats.all_reduce after the Hessian was used")
+        for t in (self._H, self.sqnorm, self.sum, self.sumsq, self.G):
+            all_reduce_sum_(t)
+        n = torch.tensor([float(self.tokens)], dtype=torch.float64)
+        self.tokens = int(all_reduce_sum_(n).item())
 
     ERROR_CHUNK_ELEMENTS = 1 << 20
 

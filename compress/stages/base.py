@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Protocol, Tuple
 
 from compress.calibration.blocks import find_blocks
 from compress.calibration.onload import CheckpointReader, DiskBlocks, ShardWriter
+from compress.core.distributed import barrier, rank
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,11 @@ class StageContext:
 
     def finish_disk(self, store: DiskBlocks) -> Path:
         """The stage's output checkpoint complete: the tensors outside the blocks, the index, the config."""
-        store.write_outer()
-        return store.writer.finish(self.weights)
+        if rank() == 0:
+            store.write_outer()
+            store.writer.finish(self.weights)
+        barrier()  # the other ranks read it only once it is complete
+        return store.writer.out_dir
 
 
 @dataclass

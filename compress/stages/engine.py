@@ -217,15 +217,25 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
     sparsities = sparsities if sparsities is not None else [0.0] * nblocks
     method.prepare(targets, sparsities)
 
-    def compress_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats]):
+    def compute_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats]) -> LinearResult:
+        """The method's step for one linear (what a rank computes for the linears it owns)."""
+        t0 = time.perf_counter()
+        key = f"{bidx}.{name}"
+        w_dense = weight_matrix(mod).detach()
+        keep = keep_mask(w_dense) if method.preserves_zeros else None
+        res: LinearResult = method.step(w_dense, stats, LinearJob(key, bidx, sparsities[bidx], nm, keep))
+        res.info = dict(res.info, step_seconds=round(time.perf_counter() - t0, 4))
+        res.kept_zeros = keep is not None
+        return res
+
+    def apply_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats], res: LinearResult):
+        """Write the new weight into the model and record the linear's entry (every rank, same result)."""
         t0 = time.perf_counter()
         key = f"{bidx}.{name}"
         w = weight_matrix(mod)  # [out, in], a view of the stored weight (Conv1D stores it transposed)
         w_dense = w.detach()
-        keep = keep_mask(w_dense) if method.preserves_zeros else None
         zmask = w_dense == 0
         nz_before = int(zmask.sum())
-        res: LinearResult = method.step(w_dense, stats, LinearJob(key, bidx, sparsities[bidx], nm, keep))
         # the error before the copy: w_dense may be the stored weight itself
         err = stats.relative_error(w_dense, res.weight) if stats is not None else None
         info = method.info(stats) if stats is not None else {}
@@ -233,7 +243,7 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
         zeros = w.numel() - int(torch.count_nonzero(w))
         entry = {"block": bidx, "name": key, "type": type(mod).__name__, "rows": w.shape[0], "cols": w.shape[1],
                  "numel": w.numel(), "zeros": zeros, "achieved": zeros / w.numel(), "rel_error": err, **info,
-                 **res.info}
+                 **{k: v for k, v in res.info.items() if k != "step_seconds"}}
         if method.kind == "prune" or getattr(cfg, "sparsity", None) is not None:
             entry["target"] = 1 - nm[0] / nm[1] if nm else sparsities[bidx]
         if nm:
@@ -249,9 +259,12 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
             result.params[full[key]] = (res.scale.cpu(), None if res.zero is None else res.zero.cpu())
             entry["bits_per_weight"] = bits_per_weight(res.spec, w.shape[1])
             entry["on_grid"] = on_grid(w, res.scale, res.zero, res.spec)
-            entry["kept_zeros"] = keep is not None
-        entry["seconds"] = round(time.perf_counter() - t0, 4)
+            entry["kept_zeros"] = bool(getattr(res, "kept_zeros", False))
+        entry["seconds"] = round(res.info.get("step_seconds", 0.0) + time.perf_counter() - t0, 4)
         result.modules.append(entry)
+
+    def compress_linear(bidx: int, name: str, mod: nn.Module, stats: Optional[InputStats]):
+        apply_linear(bidx, name, mod, stats, compute_linear(bidx, name, mod, stats))
 
     def block_entry(bidx, linears, t0):
         mods = [m for m in result.modules if m["block"] == bidx]
@@ -287,6 +300,7 @@ def linear_pass(model: nn.Module, method: LinearMethod, cfg, targets: Targets, c
                  propagate=propagate, batch_size=batch_size, dense_stream=dense_stream, forced=forced,
                  two_pass_reason=f"{cfg.key('propagate')}=dense needs two passes" if propagate == "dense" else "",
                  progress=progress, desc=desc, stage=stage, checkpoints=checkpoints, store=store)
+    loop.compute_linear, loop.apply_linear = compute_linear, apply_linear  # ranks split the linears between them
     t_cal = time.perf_counter()
     result.mode = loop.run(calib_ids)
     result.calib_seconds = time.perf_counter() - t_cal
