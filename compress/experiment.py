@@ -381,10 +381,15 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     chash = config_hash(cfg_dict)
     code = code_version()
     if ranks is not None:
-        refused = [s for s in cfg.stages if getattr(cfg, s).method != "none" and cfg.slot_stage(s) not in ("prune", "quant")]
+        refused = [s for s in cfg.stages if getattr(cfg, s).method != "none"
+                   and cfg.slot_stage(s) not in ("prune", "quant", "train")]
         if refused:
             raise ConfigError(f"{ranks['world_size']} ranks: calibration across processes covers the prune and quant "
-                              f"stages; {', '.join(refused)} needs one process (launch without torchrun)")
+                              f"stages, and the train stage runs under DDP; {', '.join(refused)} needs one process "
+                              "(launch without torchrun)")
+        if cfg.train.method != "none" and cfg.train.chunked_loss:
+            raise ConfigError("train.chunked_loss calls the decoder directly, outside the DDP wrapper: set "
+                              "train.chunked_loss=0 to train with several ranks")
         skip_finished = False
     if skip_finished:
         done = find_finished(out_dir, chash, sweep_dir, code=code, reuse_other_code=cfg.output.reuse_other_code)

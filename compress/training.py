@@ -188,7 +188,11 @@ class Trainer:
                                                   shuffle=True, generator=g, drop_last=True, pin_memory=cfg.pin_memory)
         if len(self.loader) == 0:
             raise ValueError(f"train data has {len(train_ids)} sequences, fewer than train.micro_batch_size={cfg.micro_batch_size}")
-        self.model, self.opt, self.loader, self.sched = self.acc.prepare(model, self.opt, self.loader, self.sched)
+        # the scheduler stays ours, stepped once per optimizer step: accelerate's wrapper would step it once per
+        # process (a schedule in per-sample terms), so under DDP the lr would no longer match a one-process run
+        # with the same global batch
+        self.model, self.opt, self.loader = self.acc.prepare(model, self.opt, self.loader)
+        self.acc.register_for_checkpointing(self.sched)
         if teacher is not None:
             self.teacher = teacher.to(self.acc.device).eval()
             for p in self.teacher.parameters():
@@ -247,7 +251,9 @@ class Trainer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.acc.save_state(str(path / "state"))  # model/adapters, optimizer, scheduler, RNG (safetensors)
-        (path / "trainer.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        if self.acc.is_main_process:
+            (path / "trainer.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        self.acc.wait_for_everyone()
 
     def load_checkpoint(self, path):
         path = Path(path)
@@ -305,6 +311,8 @@ class Trainer:
             self._callback("on_step_end")
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.acc.num_processes > 1:  # DDP: the global batch's loss, the mean over the ranks' shares
+                    pending = self.acc.reduce(pending, reduction="mean")
                 rec = {"step": self.step, "loss": float(pending) / cfg.grad_accum,  # one host sync per log
                        "lr": self.sched.get_last_lr()[0], "seconds": time.perf_counter() - t0}
                 self.history.append(rec)
@@ -326,7 +334,7 @@ class Trainer:
         return self.finalize()
 
     def _log(self, rec: Dict):
-        if self.out_dir is None:
+        if self.out_dir is None or not self.acc.is_main_process:  # DDP: rank 0 writes
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "train_log.csv"
