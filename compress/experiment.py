@@ -387,6 +387,11 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             raise ConfigError(f"{ranks['world_size']} ranks: calibration across processes covers the prune and quant "
                               f"stages, and the train stage runs under DDP; {', '.join(refused)} needs one process "
                               "(launch without torchrun)")
+        if cfg.train.method != "none" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+                and not resolve_device(cfg.model.device).startswith("cuda"):
+            raise ConfigError("FSDP needs CUDA here: on CPU accelerate runs an FSDP launch config either as plain DDP "
+                              "(FSDP2) or not at all (FSDP1: sync_module_states is not supported on cpu). Launch DDP "
+                              "instead: accelerate launch --multi_gpu --num_processes N -m compress ...")
         if cfg.train.method != "none" and cfg.train.chunked_loss:
             raise ConfigError("train.chunked_loss calls the decoder directly, outside the DDP wrapper: set "
                               "train.chunked_loss=0 to train with several ranks")

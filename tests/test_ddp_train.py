@@ -98,3 +98,16 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_onto_the_same_curve(tiny):
     _, lr = _losses(ref)
     _, lk = _losses(run)
     assert len(lk) == 6 and max(abs(a / b - 1) for a, b in zip(lr, lk)) < 1e-3
+
+
+def test_fsdp_on_cpu_is_refused_naming_what_to_launch_instead(tiny):
+    """On CPU accelerate runs an FSDP config as plain DDP (FSDP2) or fails (FSDP1): refused before loading."""
+    base, ckpt = tiny
+    run = base / "fsdp"
+    p = subprocess.run(["accelerate", "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                        _port(), "-m", "compress", "model=hf", f"model.name={ckpt}", *BASE, "train=full",
+                        f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600, cwd=base, env=ENV)
+    assert p.returncode != 0
+    assert "FSDP needs CUDA here" in p.stderr and "accelerate launch --multi_gpu" in p.stderr
+    assert not (run / "results.json").exists()

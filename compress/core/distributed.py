@@ -38,9 +38,8 @@ def init_from_env(device: str) -> Optional[Dict]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return {"world_size": dist.get_world_size(), "rank": dist.get_rank(), "backend": dist.get_backend(),
-            "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else
-            ("accelerate" if "ACCELERATE_DYNAMO_BACKEND" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
-             else "env"),
+            "launcher": "accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else
+            ("torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "env"),
             "threads_per_rank": torch.get_num_threads()}
 
 

@@ -43,7 +43,9 @@ class TrainStage:
             "masked_modules": len(masks), "note": "qlora adapters not merged"}
         summary.update({"steps": trainer.step, "tokens": trainer.step * cfg.grad_accum * cfg.micro_batch_size * cfg.seqlen,
                         "final_loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None),
-                        "data": data_info, "sparsity_check": check})
+                        "data": data_info, "sparsity_check": check,
+                        "distributed_type": str(trainer.acc.distributed_type).split(".")[-1],
+                        "processes": trainer.acc.num_processes})
         result = StageResult(model, summary=summary, metrics=metrics,
                              sections={"train_history": trainer.history, "sparsity_check": check},
                              saver=PretrainedSaver())
