@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Tuple
 
+from compress.core.memory import MiB, free_memory_bytes
 from compress.core.runtime import cache_dir, resolve_device
 from compress.schema import EMBEDDED_MODEL, ModelConfig
 
@@ -185,8 +186,6 @@ def local_checkpoint(cfg: ModelConfig) -> Path:
 def decide_load(cfg: ModelConfig, device: str) -> dict:
     """memory or disk (``model.load``; auto: disk when the loaded weights would take more than half of the
     available host memory), with the figures behind the choice."""
-    from compress.core.memory import MiB, free_memory_bytes
-
     if cfg.load != "auto":
         return {"mode": cfg.load, "reason": f"model.load={cfg.load}"}
     path = Path(model_path(cfg))

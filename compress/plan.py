@@ -46,6 +46,7 @@ from compress.core.errors import ConfigError, UnsupportedModelError
 from compress.core.linalg import damped_inverse_cholesky
 from compress.core.memory import MiB, free_memory_bytes, proc_kb
 from compress.core.modules import text_config, unique_parameters, weight_matrix
+from compress.core.runtime import resolve_device
 from compress.models import decide_load, meta_model, model_path, resolve_dtype
 from compress.registry import spec_of
 
@@ -350,8 +351,6 @@ def estimate(cfg, measure: bool = True, baseline: Optional[float] = None) -> Dic
 
 
 def resolve_device_name(cfg) -> str:
-    from compress.core.runtime import resolve_device
-
     return resolve_device(cfg.model.device)
 
 
