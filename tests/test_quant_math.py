@@ -189,3 +189,16 @@ def test_damped_factor_is_bitwise_the_reference_computation(dead):
     expected = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
     U, info = damped_inverse_cholesky(H, 0.01)
     assert torch.equal(U, expected) and info.dead_inputs == int(dead)
+
+
+def test_on_grid_checks_every_row_chunk():
+    """on_grid walks the rows in chunks: a single weight off its grid in a later chunk is found."""
+    from compress.core.grid import on_grid
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 128, generator=g)
+    spec = GridSpec(4, False, 32)
+    wq, scale, zero = rtn(w, spec)
+    assert on_grid(wq, scale, zero, spec)
+    wq[517, 77] += 1e-3
+    assert not on_grid(wq, scale, zero, spec)

@@ -150,11 +150,17 @@ def bits_per_weight(spec: GridSpec, in_features: int, scale_bits: int = 32) -> f
 
 
 @torch.no_grad()
-def on_grid(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: GridSpec) -> bool:
+def on_grid(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], spec: GridSpec,
+            rows: int = 256) -> bool:
     """Every weight of ``w`` (``[out, in]``) equals its own code dequantized (exact in float32; a 16-bit weight
-    holds the grid value rounded to its dtype)."""
+    holds the grid value rounded to its dtype). Checked ``rows`` rows at a time: it runs while a block's
+    statistics are alive, so it must not hold copies of the whole weight."""
     rtol = 0.0 if w.dtype == torch.float32 else torch.finfo(w.dtype).eps
-    w = w.detach().float().cpu()
-    s, z = expand(scale, spec, w.shape[1]), expand(zero, spec, w.shape[1])
-    deq = dequantize(quantize(w, s, z, spec.bits), s, z)
-    return bool(torch.equal(deq, w) if rtol == 0 else torch.allclose(deq, w, rtol=rtol, atol=0))
+    for r in range(0, w.shape[0], rows):
+        wr = w[r:r + rows].detach().float().cpu()
+        sr = expand(scale[r:r + rows], spec, w.shape[1])
+        zr = expand(zero[r:r + rows], spec, w.shape[1]) if zero is not None else None
+        deq = dequantize(quantize(wr, sr, zr, spec.bits), sr, zr)
+        if not (torch.equal(deq, wr) if rtol == 0 else torch.allclose(deq, wr, rtol=rtol, atol=0)):
+            return False
+    return True
