@@ -381,12 +381,14 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
     chash = config_hash(cfg_dict)
     code = code_version()
     if ranks is not None:
-        refused = [s for s in cfg.stages if getattr(cfg, s).method != "none"
-                   and cfg.slot_stage(s) not in ("prune", "quant", "train")]
-        if refused:
-            raise ConfigError(f"{ranks['world_size']} ranks: calibration across processes covers the prune and quant "
-                              f"stages, and the train stage runs under DDP; {', '.join(refused)} needs one process "
-                              "(launch without torchrun)")
+        for s in cfg.stages:  # each stage says whether it runs with several ranks
+            if getattr(cfg, s).method == "none":
+                continue
+            stage = STAGES[cfg.slot_stage(s)]
+            why = stage.ranks_refusal(cfg) if hasattr(stage, "ranks_refusal") else "it needs one process"
+            if why:
+                raise ConfigError(f"{ranks['world_size']} ranks: the {s} stage cannot run so: {why} (or launch one "
+                                  "process, without torchrun)")
         if cfg.train.method != "none" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
                 and not resolve_device(cfg.model.device).startswith("cuda"):
             raise ConfigError("FSDP needs CUDA here: on CPU accelerate runs an FSDP launch config either as plain DDP "

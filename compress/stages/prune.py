@@ -183,6 +183,11 @@ class PruneStage:
     name = "prune"
 
     @staticmethod
+    def ranks_refusal(cfg) -> str:
+        """Several ranks (torch.distributed): supported."""
+        return ""
+
+    @staticmethod
     def disk_precheck(cfg) -> None:
         """model.load=disk: what needs every block at once is refused before loading."""
         p = cfg.prune

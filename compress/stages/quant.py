@@ -292,6 +292,11 @@ class QuantStage:
     name = "quant"
 
     @staticmethod
+    def ranks_refusal(cfg) -> str:
+        """Several ranks (torch.distributed): supported."""
+        return ""
+
+    @staticmethod
     def precheck(cfg, meta) -> None:
         """Before any weight is read: a grid's group size must divide the input width of every selected linear
         (widths from the model built on the meta device)."""

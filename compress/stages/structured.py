@@ -69,6 +69,15 @@ class StructuredStage:
                 "model with heads removed would not reload with stock from_pretrained. Use prune.attn_unit=none or "
                 "prune.attn_fraction=0 (MLP channels only) or prune.importance=block")
 
+    @staticmethod
+    def ranks_refusal(cfg) -> str:
+        """Several ranks: an importance scored from summed statistics only works; others are refused (why)."""
+        if get("importance", cfg.prune.importance).impl.statistics_only:
+            return ""
+        return (f"prune.importance={cfg.prune.importance} scores from block outputs or training, which the ranks "
+                "would compute on different samples; with several ranks use an importance scored from statistics "
+                "(activation, magnitude)")
+
     def run(self, ctx: StageContext) -> StageResult:
         p = ctx.cfg.prune
         model = ctx.model

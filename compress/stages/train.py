@@ -19,6 +19,11 @@ class TrainStage:
 
     name = "train"
 
+    @staticmethod
+    def ranks_refusal(cfg) -> str:
+        """Several ranks (torch.distributed): supported."""
+        return ""
+
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg.train
         model = ctx.model

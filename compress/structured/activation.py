@@ -17,6 +17,7 @@ class ActivationImportance(ImportanceMethod):
     """FLAP's fluctuation (input variance x squared weight-column norm of o and down), or Wanda's |W| x ||X||; one pass"""
 
     global_ranking = True
+    statistics_only = True
 
     def __call__(self, ictx: ImportanceContext) -> Importance:
         st = ictx.structure

@@ -12,6 +12,7 @@ class MagnitudeImportance(ImportanceMethod):
 
     needs_calibration = False
     global_ranking = True
+    statistics_only = True
 
     def __call__(self, ictx: ImportanceContext) -> Importance:
         return Importance(scores=[group_scores(b, {r: b.weight(r).detach().float().square() for r in b.modules})

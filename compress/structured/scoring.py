@@ -57,6 +57,10 @@ class ImportanceMethod:
     unit = "width"
     needs_calibration = True
     global_ranking = False
+    # its scores come from statistics summed over the calibration tokens only (not from block outputs nor from
+    # training), so with several ranks, each on a share of the samples, the summed statistics give every
+    # rank the same scores
+    statistics_only = False
 
     def __call__(self, ictx: ImportanceContext) -> Importance:
         raise NotImplementedError
