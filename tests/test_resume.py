@@ -33,8 +33,8 @@ def killing(orig, after=False):
 import compress.calibration.checkpoint as C
 import compress.stages.engine as E
 import compress.stages.quant as Q
-if where == "block":  # the n-th linear compressed: inside a block, some of its linears done
-    E.weight_matrix = killing(E.weight_matrix)
+if where == "block":  # before the n-th linear's step (one job per linear): inside a block, some linears done
+    E.LinearJob = killing(E.LinearJob)
 elif where == "checkpoint":  # inside the n-th checkpoint file write: its temporary file written, not renamed
     orig = C.save_file
     def half(tensors, path, metadata=None):
