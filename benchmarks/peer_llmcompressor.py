@@ -48,7 +48,37 @@ CONFIGS = {  # name -> (modifier class name, kwargs); quantization rows: symmetr
     "awq_rtn_w4_g64_asym": ("AWQ+QuantizationModifier", dict(bits=4, group=64, sym=False)),
     "awq_gptq_w4_g64_asym": ("AWQ+GPTQModifier", dict(bits=4, group=64, sym=False, block_size=128,
                                                         dampening_frac=0.01)),
+    # activation quantization (issue 21): the peer's preset schemes (compressed-tensors' W8A8: int8 per-channel
+    # weights, int8 dynamic per-token activations; FP8_DYNAMIC: FP8 per-channel weights, FP8 dynamic per-token
+    # activations), SmoothQuant with its default mappings (norm -> q/k/v, norm -> gate/up) and strength 0.5
+    "w8a8_rtn": ("QuantizationModifier", dict(scheme="W8A8")),
+    "w8a8_gptq": ("GPTQModifier", dict(scheme="W8A8", block_size=128, dampening_frac=0.01)),
+    "w8a8_sq_gptq": ("SQ+GPTQModifier", dict(scheme="W8A8", block_size=128, dampening_frac=0.01)),
+    "w8a8_sq_rtn": ("SQ+QuantizationModifier", dict(scheme="W8A8")),
+    "fp8_dynamic_rtn": ("QuantizationModifier", dict(scheme="FP8_DYNAMIC")),
+    "fp8_dynamic_gptq": ("GPTQModifier", dict(scheme="FP8_DYNAMIC", block_size=128, dampening_frac=0.01)),
 }
+
+
+@torch.no_grad()
+def activation_check(model, ids):
+    """The logits of ``model`` (after oneshot) against the same weights with the input-activation quantization
+    disabled: a difference means the activations are quantized in its forward, as they would be served."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    a = model(ids).logits
+    saved = {}
+    for n, m in model.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is not None and scheme.input_activations is not None:
+            saved[n] = scheme.input_activations
+            scheme.input_activations = None
+    b = model(ids).logits
+    for n, v in saved.items():
+        model.get_submodule(n).quantization_scheme.input_activations = v
+    status = {str(getattr(m, "quantization_status", None)) for m in model.modules() if hasattr(m, "quantization_status")}
+    return {"act_quant_modules": len(saved), "act_quant_logits_diff": float((a - b).abs().max()),
+            "quantization_status": sorted(status)}
 
 
 def main(argv=None) -> int:
@@ -69,7 +99,7 @@ def main(argv=None) -> int:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform import AWQModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     classes = {"WandaPruningModifier": WandaPruningModifier, "SparseGPTModifier": SparseGPTModifier,
@@ -101,6 +131,10 @@ def main(argv=None) -> int:
         model = fresh()
         if cls.startswith("AWQ+"):  # AWQ's scales (its default mappings, duo scaling, 20 grid points), then the quantizer
             modifier = [AWQModifier(duo_scaling=True, n_grid=20), quant_modifier(cls[4:], **kw)]
+        elif "scheme" in kw:  # a preset scheme, optionally after SmoothQuant (strength 0.5, default mappings)
+            base = cls[3:] if cls.startswith("SQ+") else cls
+            modifier = ([SmoothQuantModifier(smoothing_strength=0.5)] if cls.startswith("SQ+") else []) + [
+                classes[base](targets=["Linear"], ignore=["lm_head"], **kw)]
         elif "bits" in kw:
             modifier = [quant_modifier(cls, **kw)]
         else:
@@ -110,11 +144,14 @@ def main(argv=None) -> int:
                 max_seq_length=ids.shape[1], pipeline="sequential", shuffle_calibration_samples=False)
         secs = time.perf_counter() - t0
         ppl = perplexity(model, tok, progress=False)["ppl"]
+        extra = {}
+        if "scheme" in kw:  # is the activation quantization really applied in this in-memory model's forward?
+            extra = activation_check(model, ids[:1, :128])
         nm_ok = None
         if kw.get("mask_structure") == "2:4":
             nm_ok = all(check_nm(m.weight, 2, 4) for n_, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and "lm_head" not in n_)
-        row = {"name": name, "ppl": ppl, "seconds": secs, "x_dense_forward": secs / fwd, "nm_exact": nm_ok}
+        row = {"name": name, "ppl": ppl, "seconds": secs, "x_dense_forward": secs / fwd, "nm_exact": nm_ok, **extra}
         if "bits" not in kw:
             row["sparsity"] = size_metrics(model)["sparsity"]
         out["rows"].append(row)

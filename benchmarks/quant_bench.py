@@ -89,6 +89,25 @@ for label, prune in (("sparsegpt_50", SGPT50), ("sparsegpt_2of4", SGPT24), ("bes
                                                                       prune=prune)
 
 
+# activation quantization (issue 21): the peer's W8A8 / FP8_DYNAMIC schemes, SmoothQuant (alpha 0.5, the
+# peer's default strength and mappings), rotations against none at 4 bits and with per-tensor activations
+SQ = dict(method="smoothquant", alpha=0.5)
+ROT = dict(method="rotation")
+for label, q in (("w8a8", dict(scheme="w8a8")), ("fp8_dynamic", dict(scheme="fp8_dynamic")),
+                 ("w8a8_static", dict(scheme="w8a8_static")), ("fp8", dict(scheme="fp8"))):
+    CONFIGS[f"{label}_rtn"] = dict(method="rtn", **q)
+    CONFIGS[f"{label}_gptq_actorder"] = dict(method="gptq", act_order=True, **q)
+    CONFIGS[f"{label}_sq_rtn"] = dict(method="rtn", transform=SQ, **q)
+    CONFIGS[f"{label}_sq_gptq_actorder"] = dict(method="gptq", act_order=True, transform=SQ, **q)
+    CONFIGS[f"{label}_rot_rtn"] = dict(method="rtn", transform=ROT, **q)
+    CONFIGS[f"{label}_rot_gptq_actorder"] = dict(method="gptq", act_order=True, transform=ROT, **q)
+for label, q in (("w4a16_g64", dict(scheme="w4a16", group_size=64)), ("w4a8_g64", dict(scheme="w4a8", group_size=64))):
+    CONFIGS[f"{label}_rtn"] = dict(method="rtn", **q)
+    CONFIGS[f"{label}_gptq_actorder"] = dict(method="gptq", act_order=True, **q)
+    CONFIGS[f"{label}_rot_rtn"] = dict(method="rtn", transform=ROT, **q)
+    CONFIGS[f"{label}_rot_gptq_actorder"] = dict(method="gptq", act_order=True, transform=ROT, **q)
+
+
 def reload_check(model, rep, tok, nm):
     """Save as compressed-tensors and reload in a process that imports only torch and transformers
     (:func:`compress.reload.verify_saved`): every quantized weight bitwise equal, zero counts identical."""
@@ -125,6 +144,7 @@ def run(name, spec, model_cfg, calib, ids, fwd, reload=False):
                                         progress=False)
             if transforms:
                 row["transforms"] = rep.transforms
+                row["prepared"] = rep.prepared
             nm = nm or getattr(qcfg, "nm", None)
             if getattr(qcfg, "sparsity", None) is not None:  # the joint method: one pass, its own sparsity
                 row["prune_seconds"], row["sparsity"] = 0.0, rep.summary()["achieved_sparsity"]

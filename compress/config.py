@@ -78,7 +78,7 @@ class Config:
                                                                           if s.config is not None and "group_size" in
                                                                           s.config.keys()) + f", got quant={self.quant.method}")
         q = self.quant
-        if (self.prune.method == "structured" and getattr(q, "group_size", -1) != -1
+        if (self.prune.method == "structured" and getattr(q, "group_size", -1) > 0
                 and self.prune.round_to % q.group_size):
             raise ConfigError(f"prune.round_to={self.prune.round_to} with quant.group_size={q.group_size}: the kept MLP "
                               "width must stay divisible by the quant group; set prune.round_to to a multiple of "

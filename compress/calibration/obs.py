@@ -88,7 +88,7 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
     scale = zero = col_group = None
     static = qparams is not None
     if quant is not None:
-        gs = cols if quant.group_size == -1 else quant.group_size
+        gs = cols if quant.whole_rows else quant.group_size
         if cols % gs:
             raise ValueError(f"group size {gs} does not divide the {cols} input columns")
         if static:
@@ -136,7 +136,7 @@ def obs_compress(W: torch.Tensor, U: torch.Tensor, blocksize: int = 128, *, spar
             g = col_group[c]
             w = w_rows[i]
             q = fake_quant(w.unsqueeze(1), scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1],
-                           quant.bits).squeeze(1)
+                           quant.bits, quant.type).squeeze(1)
             if keep_t is not None:
                 q = torch.where(keep_t[c], q, 0.0)
             torch.sub(w, q, out=e_rows[i]).div_(d_list[i])

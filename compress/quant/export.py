@@ -29,7 +29,8 @@ from torch import nn
 
 from compress.core.config import parse_pattern
 from compress.core.errors import UnsupportedModelError
-from compress.core.grid import GridSpec
+from compress.core.activations import detach as detach_activations
+from compress.core.grid import ActSpec, GridSpec
 from compress.core.masks import check_nm
 
 SIDECAR = "compress_sparsity.json"
@@ -45,19 +46,39 @@ def _require_compressed_tensors():
 def quantization_args(spec: GridSpec):
     from compressed_tensors.quantization import QuantizationArgs
 
-    if spec.group_size == -1:
-        return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="channel")
-    return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="group",
+    if spec.group_size <= 0:
+        return QuantizationArgs(num_bits=spec.bits, type=spec.type, symmetric=spec.symmetric, strategy=spec.strategy)
+    return QuantizationArgs(num_bits=spec.bits, type=spec.type, symmetric=spec.symmetric, strategy="group",
                             group_size=spec.group_size)
+
+
+def activation_args(act: ActSpec):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=act.bits, type=act.type, symmetric=True, strategy=act.strategy,
+                            dynamic=bool(act.dynamic))
+
+
+def storage_format(spec: GridSpec, act: Optional[ActSpec] = None) -> str:
+    """The compressed-tensors format for the weights (the one compressed-tensors itself infers, which vLLM
+    reads): FP8 values as ``float-quantized``; integers as ``int-quantized`` (int8 tensors) when 8-bit or
+    when the activations are quantized too (W8A8, W4A8); weight-only integers below 8 bits packed into int32
+    (``pack-quantized``)."""
+    if spec.type == "float":
+        return "float-quantized"
+    return "int-quantized" if spec.bits == 8 or act is not None else "pack-quantized"
 
 
 @torch.no_grad()
 def save_compressed_tensors(model: nn.Module, out_dir, params: Dict[str, tuple], spec: GridSpec, tokenizer=None,
-                            sidecar: Optional[Dict] = None) -> Dict:
+                            sidecar: Optional[Dict] = None, act: Optional[ActSpec] = None,
+                            act_scales: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
     """Write ``model`` (its quantized linears already hold the dequantized weights) as compressed-tensors
-    ``pack-quantized`` into ``out_dir``. ``params``: full module name -> ``(scale, zero)`` as returned by
-    the quantizer (``[out, groups]``; ``zero`` None when symmetric). The model itself is not changed (a
-    copy is compressed). Returns what was written."""
+    (:func:`storage_format`) into ``out_dir``. ``params``: full module name -> ``(scale, zero)`` as returned
+    by the quantizer (``[out, groups]``; ``zero`` None when symmetric; per tensor: ``[out, 1]`` equal
+    values). ``act``: the 8-bit input activations, written as the scheme's ``input_activations`` (static:
+    ``act_scales``, full name -> scale, as ``input_scale``). The model itself is not changed (a copy is
+    compressed; the activation hooks are removed from the copy). Returns what was written."""
     _require_compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
@@ -67,17 +88,25 @@ def save_compressed_tensors(model: nn.Module, out_dir, params: Dict[str, tuple],
         raise UnsupportedModelError(f"compressed-tensors stores nn.Linear only; these quantized modules are not: "
                                     f"{bad[:6]} ({type(model.get_submodule(bad[0])).__name__})")
     names = list(params)
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=names, weights=quantization_args(spec))},
-                                format="pack-quantized")
+    fmt = storage_format(spec, act)
+    scheme = QuantizationScheme(targets=names, weights=quantization_args(spec),
+                                input_activations=activation_args(act) if act is not None else None)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt)
     clone = copy.deepcopy(model)
+    detach_activations(clone)
     apply_quantization_config(clone, config)
     for name in names:
         mod = clone.get_submodule(name)
         scale, zero = params[name]
+        if spec.per_tensor:
+            scale = scale.reshape(-1)[:1]
+            zero = None if zero is None else zero.reshape(-1)[:1]
         mod.weight_scale.copy_(scale.to(mod.weight_scale.dtype).reshape(mod.weight_scale.shape))
         if zero is not None:
             mod.weight_zero_point.copy_(zero.round().to(mod.weight_zero_point.dtype).reshape(mod.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(clone, quantization_format="pack-quantized")
+        if act is not None and not act.dynamic:
+            mod.input_scale.copy_(act_scales[name].to(mod.input_scale.dtype).reshape(mod.input_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(clone, quantization_format=fmt)
     compressor.compress_model(clone)
     out_dir = Path(out_dir)
     clone.save_pretrained(out_dir, safe_serialization=True)
@@ -90,7 +119,8 @@ def save_compressed_tensors(model: nn.Module, out_dir, params: Dict[str, tuple],
     files = sorted(p.name for p in out_dir.iterdir())
     if any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files):
         raise RuntimeError(f"a pickle was written to {out_dir}: {files}")
-    return {"format": "compressed-tensors pack-quantized", "path": str(out_dir), "modules": len(names),
+    return {"format": f"compressed-tensors {fmt}", "path": str(out_dir), "modules": len(names),
+            "input_activations": act.label() if act is not None else None,
             "bytes": sum(p.stat().st_size for p in out_dir.iterdir() if p.suffix == ".safetensors")}
 
 

@@ -60,7 +60,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, blocksize: i
         U, damping = damped_inverse_cholesky(Hp, percdamp, damp_mode)
         del Hp
         scale, zero = fit_groups(W.float(), spec, keep)  # static groups on the original columns
-        gs = cols if spec.group_size == -1 else spec.group_size
+        gs = cols if spec.whole_rows else spec.group_size
         col_group = perm // gs
         res = obs_compress(W[:, perm], U, blocksize, quant=spec, qparams=(scale, zero, col_group),
                            keep=None if keep is None else keep[:, perm], sparsity=sparsity, nm=nm, dead=dead[perm])
@@ -69,7 +69,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, blocksize: i
     else:
         U, damping = factor if factor is not None else damped_inverse_cholesky(H, percdamp, damp_mode)
         qparams = None
-        if spec.group_size == -1:  # per channel: one fit on the original weights, as the reference
+        if spec.whole_rows:  # per channel (or tensor): one fit on the original weights, as the reference
             s, z = fit_groups(W.float(), spec, keep)
             qparams = (s, z, torch.zeros(cols, dtype=torch.long))
         res = obs_compress(W, U, blocksize, quant=spec, qparams=qparams, keep=keep, sparsity=sparsity, nm=nm, dead=dead)

@@ -32,7 +32,7 @@ class SparseGPTGPTQConfig(GPTQConfig, CalibratedMaskConfig):
         if self.error_correction and self.sequential == "false":
             raise ConfigError(f"{self.key('error_correction')}=true needs {self.key('sequential')}=true or auto")
         nm = self.nm
-        if nm is not None and self.group_size != -1 and self.group_size % nm[1]:
+        if nm is not None and self.group_size > 0 and self.group_size % nm[1]:
             raise ConfigError(f"{self.key('pattern')}={self.pattern} needs {self.key('group_size')} to be a "
                               f"multiple of {nm[1]}, got {self.group_size}")
 

@@ -26,12 +26,13 @@ from torch import nn
 from compress.calibration.checkpoint import walk_checkpoints
 from compress.calibration.targets import resolve_targets
 from compress.core.errors import ConfigError, ShortfallError, UnsupportedModelError
-from compress.core.grid import GridSpec
+from compress.core.activations import attach, observe_static, static_scales
+from compress.core.grid import ActSpec, GridSpec
 from compress.core.masks import check_nm
 from compress.core.modules import dense_weight, unique_parameters, weight_matrix
 from compress.data import load_calibration
 from compress.quant.base import ModelQuantizer
-from compress.quant.export import save_compressed_tensors, sparsity_sidecar
+from compress.quant.export import save_compressed_tensors, sparsity_sidecar, storage_format
 from compress.registry import get, spec_of
 from compress.schema import CalibConfig
 from compress.speed import dense_forward_seconds
@@ -53,11 +54,16 @@ class QuantReport:
     check: Dict = field(default_factory=dict)
     targets: Dict = field(default_factory=dict)
     transforms: List[Dict] = field(default_factory=list)
+    prepared: Dict[str, Dict] = field(default_factory=dict)  # what a whole-model transform did (a rotation)
+    activations: Dict = field(default_factory=dict)  # 8-bit input activations: format, modules, static scales
+    bits_label: str = ""  # W8A8, W4A16, FP8, ...
     walk: Dict = field(default_factory=dict)  # resumed_at (first block computed when resumed), checkpoint seconds
     layer_sparsities: Optional[List[float]] = None  # a quantizer that chooses a mask: its schedule
     seconds: float = 0.0
     params: Dict[str, tuple] = field(default_factory=dict, repr=False)  # full name -> (scale, zero), for saving
     spec: Optional[GridSpec] = field(default=None, repr=False)
+    act: Optional[ActSpec] = field(default=None, repr=False)
+    act_scales: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)  # static: full name -> scale
 
     def summary(self) -> Dict:
         errs = [m["rel_error"] for m in self.modules if m.get("rel_error") is not None]
@@ -66,7 +72,11 @@ class QuantReport:
         out = {"method": self.method, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
                "modules": len(self.modules), "quantized_params": qn, "bits_per_weight_quantized": bpw,
                "mean_rel_error": sum(errs) / len(errs) if errs else None, "quant_seconds": round(self.seconds, 3),
-               "mode": self.mode.get("chosen"), "check_ok": self.check.get("ok")}
+               "mode": self.mode.get("chosen"), "check_ok": self.check.get("ok"), "bits_label": self.bits_label or None,
+               "weight_type": self.spec.type if self.spec is not None else None,
+               "activations": self.act.label() if self.act is not None else "none"}
+        if self.transforms or self.prepared:
+            out["transforms"] = sorted({t["transform"] for t in self.transforms} | set(self.prepared))
         if self.walk.get("resumed_at") is not None:
             out["resumed_at_block"] = self.walk["resumed_at"]
         if any("target" in m for m in self.modules):  # a quantizer that also chose a mask (the joint method)
@@ -75,14 +85,19 @@ class QuantReport:
 
     def to_dict(self) -> Dict:
         return {"summary": self.summary(), "mode": self.mode, "walk": self.walk, "targets": self.targets,
+                "activations": self.activations, "prepared": self.prepared,
                 "check": self.check, "calibration": self.calibration, "transforms": self.transforms,
                 "layer_sparsities": self.layer_sparsities, "modules": self.modules}
 
     def table(self, max_rows: int = 10) -> str:
         s = self.summary()
         bpw = f"{s['bits_per_weight_quantized']:.3f}" if s["bits_per_weight_quantized"] else "-"
-        lines = [f"quant: {self.method} w{self.bits} {'g' + str(self.group_size) if self.group_size != -1 else 'per-channel'}"
-                 f" {'sym' if self.symmetric else 'asym'}: {len(self.modules)} modules, {bpw} bits/weight, "
+        g = ('g' + str(self.group_size) if self.group_size > 0 else 'per-channel' if self.group_size == -1
+             else 'per-tensor')
+        w = f"w{self.bits}" if self.spec is None or self.spec.type == "int" else "fp8"
+        a = f" ({self.bits_label}; activations {self.act.label()})" if self.act is not None else (
+            f" ({self.bits_label})" if self.bits_label else "")
+        lines = [f"quant: {self.method} {w} {g} {'sym' if self.symmetric else 'asym'}{a}: {len(self.modules)} modules, {bpw} bits/weight, "
                  f"{self.seconds:.1f}s" + (f", sparsity {s['achieved_sparsity']:.4f}" if "achieved_sparsity" in s else "")]
         errs = [m for m in self.modules if m.get("rel_error") is not None]
         step = max(1, len(errs) // max_rows)
@@ -153,13 +168,17 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
         report.check = check_zeros(zeros_before, weights, nm)
     else:
         bad = [f"{n} ({weight_matrix(m).shape[1]} inputs)" for n, m in flat.items()
-               if cfg.group_size != -1 and weight_matrix(m).shape[1] % cfg.group_size]
+               if cfg.group_size > 0 and weight_matrix(m).shape[1] % cfg.group_size]
         if bad:
             raise UnsupportedModelError(f"quant.group_size={cfg.group_size} does not divide the input width of {bad[:6]}")
-        tfs = [get("transform", t.method).impl(t, method.spec) for t in transforms]
-        for t in tfs:
-            t.prepare(model)
-        needs_calib = method.needs_calibration or bool(tfs)
+        tfs = [get("transform", t.method).impl(t, method.spec, act=cfg.act) for t in transforms]
+        for t in tfs:  # a whole-model transform (a rotation) acts here; block transforms get the block structure
+            info = t.prepare(model)
+            if info:
+                report.prepared[t.name] = info
+        act = cfg.act
+        needs_calib = (method.needs_calibration or any(getattr(t, "needs_calibration", True) for t in tfs)
+                       or (act is not None and not act.dynamic))
         if needs_calib and calib_ids is None:
             calib_ids, report.calibration = load_calibration(tokenizer, calib.source, calib.nsamples, calib.seqlen,
                                                              calib.seed, calib.text_field)
@@ -187,6 +206,24 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
                                  f"{len(flat)} selected modules (never reached by the calibration forward: "
                                  f"{missing[:6]})", result=report)
         report.check = checks_from_entries(report.modules, nm)
+        if act is not None:  # 8-bit input activations, simulated by a pre-hook on every quantized linear
+            names = [full[n] for n in flat]
+            t1 = time.perf_counter()
+            amax = None if act.dynamic else observe_static(model, names, calib_ids, calib.batch_size, device)
+            report.act_scales = None if amax is None else static_scales(amax, act)
+            n = attach(model, names, act, report.act_scales)
+            report.act = act
+            report.activations = {"format": act.label(), "type": act.type, "strategy": act.strategy,
+                                  "dynamic": act.dynamic, "bits": act.bits, "modules": n,
+                                  "simulated": "quantize-dequantize the input, matmul in float",
+                                  "calibration_seconds": round(time.perf_counter() - t1, 3)}
+            if amax is not None:
+                vals = torch.stack(list(amax.values()))
+                report.activations.update(static_amax_min=float(vals.min()), static_amax_max=float(vals.max()))
+            if n != len(flat):
+                raise ShortfallError(f"quantize: activation quantization attached to {n} of {len(flat)} linears",
+                                     result=report)
+        report.bits_label = cfg.bits_label()
     if any("target" in m for m in report.modules):  # the joint method: its own sparsity target, as a prune stage
         sp = verify_sparsity(report.modules, cfg.pattern, list(flat))
         report.check.update(sparsity=sp)
@@ -231,13 +268,16 @@ class CompressedTensorsSaver:
     def __init__(self, report: QuantReport, targets, ignore, pattern: Optional[str]):
         self.params, self.targets, self.ignore, self.pattern = report.params, targets, ignore, pattern
         s = report.spec
-        self.spec = GridSpec(s.bits, s.symmetric, s.group_size)
+        self.spec = GridSpec(s.bits, s.symmetric, s.group_size, type=s.type)
+        self.act, self.act_scales = report.act, report.act_scales
+        self.format = "compressed-tensors " + storage_format(self.spec, self.act)
 
     def save(self, model, tokenizer, out_dir: Path) -> Dict:
         flat = resolve_targets(model, self.targets, self.ignore)
         weights = {n: weight_matrix(m).detach() for n, m in zip(flat.qualified_names(), flat.flat().values())}
         return save_compressed_tensors(model, out_dir, self.params, self.spec, tokenizer,
-                                       sidecar=sparsity_sidecar(weights, self.pattern))
+                                       sidecar=sparsity_sidecar(weights, self.pattern), act=self.act,
+                                       act_scales=self.act_scales)
 
 
 class DequantizedSaver(PretrainedSaver):
@@ -301,7 +341,7 @@ class QuantStage:
         """Before any weight is read: a grid's group size must divide the input width of every selected linear
         (widths from the model built on the meta device)."""
         q = cfg.quant
-        if getattr(q, "group_size", -1) == -1:
+        if getattr(q, "group_size", -1) <= 0:
             return
         widths = {n: weight_matrix(m).shape[1] for n, m in resolve_targets(meta, q.targets, q.ignore).flat().items()}
         bad = sorted({n.split(".", 1)[1]: w for n, w in widths.items() if w % q.group_size}.items())
@@ -317,6 +357,14 @@ class QuantStage:
         if issubclass(spec_of(cfg.quant).impl, ModelQuantizer):
             raise ConfigError(f"quant={cfg.quant.method} replaces the model's modules as a whole, which needs the model "
                               "in memory; with model.load=disk use a grid quantizer (`compress list` shows them)")
+        tf = cfg.transform
+        if tf.method != "none" and getattr(get("transform", tf.method).impl, "whole_model", False):
+            raise ConfigError(f"transform={tf.method} transforms the whole model at once (embeddings, every block, the "
+                              "head), which needs it in memory: use model.load=memory")
+        if getattr(cfg.quant, "activations", "none") != "none":
+            raise ConfigError(f"quant.activations={cfg.quant.activations} (8-bit input activations, simulated by hooks "
+                              "on the model in memory) is not supported with model.load=disk yet; use "
+                              "model.load=memory, or a weight-only scheme")
         if getattr(cfg.quant, "schedule", "uniform") != "uniform":
             raise ConfigError(f"quant.schedule={cfg.quant.schedule} walks the model twice, which model.load=disk does "
                               "not support yet; use quant.schedule=uniform or model.load=memory")

@@ -70,8 +70,8 @@ class AWQ:
 
     name = "awq"
 
-    def __init__(self, cfg: AWQConfig, spec: GridSpec):
-        self.cfg, self.spec = cfg, GridSpec(spec.bits, spec.symmetric, spec.group_size)
+    def __init__(self, cfg: AWQConfig, spec: GridSpec, act=None):  # act: the stage's activation format (unused)
+        self.cfg, self.spec = cfg, GridSpec(spec.bits, spec.symmetric, spec.group_size, type=spec.type)
         self.structure = None
 
     def prepare(self, model) -> None:
@@ -175,7 +175,7 @@ class AWQ:
     def _weight_mean(self, ws: List[torch.Tensor]) -> torch.Tensor:
         """Per input channel, the mean over the group's rows of |W| normalised by its quant group's max."""
         w = torch.cat([x.float() for x in ws], 0).abs()
-        g = w.shape[1] if self.spec.group_size == -1 else self.spec.group_size
+        g = w.shape[1] if self.spec.whole_rows else self.spec.group_size
         wg = w.view(w.shape[0], -1, g)
         wg = wg / wg.amax(-1, keepdim=True).clamp_min(1e-8)
         return wg.view(w.shape[0], -1).mean(0)
