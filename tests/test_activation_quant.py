@@ -212,6 +212,11 @@ def test_rotation_leaves_the_float_model_unchanged(family):
     """Norms folded, residual stream rotated (embeddings, readers, writers, head), values and o rotated per
     head: logits equal within 1e-4 relative (fp32), every block linear changed, the tied head untied."""
     model = _tiny(family, vocab=260)
+    with torch.no_grad():  # norm weights other than ones (a fresh model's), so that folding them matters
+        g = torch.Generator().manual_seed(5)
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     ids = _ids(2, 24)
     ref = _logits(model, ids)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -130,7 +130,14 @@ class Rotation:
 
         readers = self._trace(model, probe, head)
         hidden = emb.weight.shape[1]
-        # 1. fold every residual norm into its readers
+        # 1. untie the head from the embeddings (the head will carry the final norm's weight; first, so that
+        # folding it into the head does not scale the embeddings too)
+        untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+        if untied:
+            head.weight = nn.Parameter(emb.weight.detach().clone())
+            for c in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
+                c.tie_word_embeddings = False
+        # 2. fold every residual norm into its readers
         folded = []
         for norm, (nname, consumers) in readers.items():
             offset, why = _norm_kind(norm, hidden)
@@ -141,12 +148,7 @@ class Rotation:
                 mod.weight.data.copy_((mod.weight.double() * g.unsqueeze(0)).to(mod.weight.dtype))
             norm.weight.data.fill_(1.0 - offset)
             folded.append(nname)
-        # 2. untie the head from the embeddings (the head now carries the final norm's weight)
-        untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
-        if untied:
-            head.weight = nn.Parameter(emb.weight.detach().clone())
-            for c in {id(model.config): model.config, id(text_config(model)): text_config(model)}.values():
-                c.tie_word_embeddings = False
+        # 3. rotate: embeddings, readers, writers
         q, how = rotation(hidden, self.cfg.seed, self.cfg.kind)
         q = q.to(dev)
 
@@ -162,7 +164,7 @@ class Rotation:
             mod.weight.data.copy_((q.t() @ mod.weight.double()).to(mod.weight.dtype))
             if mod.bias is not None:
                 mod.bias.data.copy_((mod.bias.double() @ q).to(mod.bias.dtype))
-        # 3. values and attention output, per head
+        # 4. values and attention output, per head
         v_how = None
         if self.cfg.rotate_v:
             v_how = self._rotate_v(structure)
