@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 
 from compress.config import label as method_label
 
-COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "quant", "bits_per_weight", "footprint_packed_mb",
+COLUMNS = ["recipe", "method", "pattern", "sparsity_target", "sparsity", "quant", "bits", "activations", "transforms",
+           "bits_per_weight", "footprint_packed_mb",
            "ppl", "delta_vs_dense", "dense", "params_total", "structure", "removed_ratio", "flops_per_token",
            "flop_ceiling", "prefill_speedup", "decode_speedup",
            "params_nonzero", "footprint_mb", "footprint_sparse_mb", "tokens_per_s", "sparse24_tokens_per_s",
@@ -81,6 +82,7 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
         mlabel = masker.get("method", "none") if masker else "none"
         st = data.get("structured") or {}
         sp = m.get("speed") or {}
+        qsum = (data.get("quant_report") or {}).get("summary") or {}
         rows.append({
             "structure": f"{st.get('importance')} {st.get('achieved_ratio', 0):.3f}" if st else "-",
             "flops_per_token": (st.get("flops_per_token_after") or {}).get("total") or m.get("flops_per_token"),
@@ -95,6 +97,10 @@ def rows_from_runs(runs: List[Dict], dataset: Optional[str] = None) -> List[Dict
             "method": "none" if dense else (method if method != "none" else mlabel if masker else "none"),
             "dense": dense,
             "quant": qlabel,
+            # W8A8, W4A16, FP8 ...; the activation format ("none": weight-only); transforms (smoothquant, rotation)
+            "bits": qsum.get("bits_label") or (f"W{quant.get('bits')}A16" if qm != "none" and quant.get("bits") else None),
+            "activations": qsum.get("activations") or ("none" if qm != "none" else None),
+            "transforms": "+".join(qsum.get("transforms") or []) or None,
             "bits_per_weight": m.get("bits_per_weight"),
             "footprint_packed_mb": m.get("footprint_packed_mb"),
             "pattern": (masker.get("pattern", "") if method != "structured" else prune.get("importance", ""))
@@ -138,7 +144,7 @@ def markdown_table(rows: List[Dict]) -> str:
     head = (["recipe", "method", "pattern", "sparsity"]
             + (["removed (structured)", "params", "MFLOPs/token", "FLOP ceiling", "prefill × dense", "decode × dense"]
                if structured else [])
-            + (["quant", "bits/weight", "packed MiB"] if quant else [])
+            + (["quant", "bits", "bits/weight", "packed MiB"] if quant else [])
             + ["ppl", "Δ vs dense"] + zs
             + ["non-zero params", "dense MiB", "sparse-storage MiB"] + (["tokens/s"] if speed else [])
             + (["2:4 kernels tokens/s"] if sparse24 else []) + ["prune s", "train s", "peak MiB", "status", "code"])
@@ -155,7 +161,8 @@ def markdown_table(rows: List[Dict]) -> str:
                       f(r.get("flop_ceiling"), "{:.3f}x"), f(r.get("prefill_speedup"), "{:.3f}x"),
                       f(r.get("decode_speedup"), "{:.3f}x")]
         if quant:
-            cells += [r.get("quant") or "-", f(r.get("bits_per_weight"), "{:.3f}"), f(r.get("footprint_packed_mb"), "{:.0f}")]
+            cells += [r.get("quant") or "-", r.get("bits") or "-", f(r.get("bits_per_weight"), "{:.3f}"),
+                      f(r.get("footprint_packed_mb"), "{:.0f}")]
         cells += [f(r["ppl"]), f(r["delta_vs_dense"], "{:+.2f}")]
         cells += [f(r.get(c), "{:.4f}") for c in zs]
         cells += [f(r["params_nonzero"], "{:,}"), f(r["footprint_mb"], "{:.0f}"), f(r.get("footprint_sparse_mb"), "{:.0f}")]
@@ -204,9 +211,19 @@ def plot_tradeoff(rows: List[Dict], path: Path, x, xlabel: str, title: str) -> b
     return True
 
 
+def act_kind(row: Dict) -> str:
+    """``A16`` (weight-only), ``A8 int8`` or ``A8 fp8``: what the plot separates by marker and line style."""
+    a = row.get("activations") or "none"
+    return "A16" if a == "none" else "A8 fp8" if a.startswith("fp8") else "A8 int8"
+
+
+ACT_STYLE = {"A16": ("o", "-"), "A8 int8": ("s", "--"), "A8 fp8": ("^", ":")}
+
+
 def bits_series(rows: List[Dict]):
     """``({setting: [(bits per weight, ppl, bit width), ...] sorted by bits}, dense ppl)``: a setting is the
-    quant label without its bit width (plus the prune method and pattern when the run pruned)."""
+    quant label without its bit width (plus the prune method and pattern when the run pruned), prefixed by
+    its activation kind (:func:`act_kind`), so that weight-only and 8-bit-activation runs never share a line."""
     import re as _re
 
     series: Dict[str, List] = {}
@@ -220,6 +237,7 @@ def bits_series(rows: List[Dict]):
             key = _re.sub(r" w\d+", "", r["quant"])
             if r["method"] != "none":
                 key = f"{r['method']} {r['pattern']} + {key}"
+            key = f"[{act_kind(r)}] {key}"
             m = _re.search(r"w(\d+)", r["quant"])
             series.setdefault(key, []).append((r["bits_per_weight"], r["ppl"], int(m.group(1)) if m else None))
     for pts in series.values():
@@ -229,8 +247,9 @@ def bits_series(rows: List[Dict]):
 
 def plot_bits(rows: List[Dict], path: Path) -> bool:
     """ppl (log) against bits per weight: one line per quantization setting (method, grouping, grid; with
-    the prune method when there is one) across bit widths, the dense model as a dashed line. False if no
-    run is quantized."""
+    the prune method when there is one) across bit widths, the dense model as a gray dashed line; the
+    activation scheme is the marker and line style (weight-only: circles, solid; int8 activations:
+    squares, dashed; FP8 activations: triangles, dotted). False if no run is quantized."""
     series, dense = bits_series(rows)
     if not series:
         return False
@@ -241,7 +260,8 @@ def plot_bits(rows: List[Dict], path: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, pts in sorted(series.items()):
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        marker, style = ACT_STYLE[key[1:key.index("]")]]
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style, label=key)
         for b, ppl, width in pts:
             if width:
                 ax.annotate(f"w{width}", (b, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points",

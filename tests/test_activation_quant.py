@@ -238,6 +238,17 @@ def test_rotation_is_refused_by_name_where_it_cannot_apply(family, msg):
         Rotation(make_config("transform", "rotation")).prepare(_tiny(family, vocab=260))
 
 
+def test_rotation_with_rtn_needs_no_calibration():
+    """RTN and the rotation use no calibration data: the stage runs without any (no walk), W8A8 static aside."""
+    model = _tiny("llama", vocab=260)
+    ids = _ids(2, 16)
+    ref = _logits(model, ids)
+    model, rep = quantize_model(model, None, quant_config("rtn", scheme="w4a8", group_size=16),
+                                transforms=[make_config("transform", "rotation")], progress=False)
+    assert rep.prepared["rotation"]["logits_rel_diff"] < 1e-4 and rep.check["on_grid"] and not rep.calibration
+    assert 0 < float((_logits(model, ids) - ref).norm() / ref.norm()) < 0.5
+
+
 def test_rotation_refuses_a_pruned_model():
     from compress.stages.prune import prune_model
 

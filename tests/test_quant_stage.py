@@ -240,7 +240,8 @@ def test_compare_does_not_take_a_quant_only_run_as_the_dense_baseline():
 
 def test_compare_plots_one_line_per_quant_setting(tmp_path):
     """A sweep over bits and group sizes: one series per setting across bit widths, sorted by bits per
-    weight; the dense run is the baseline line, not a point; the plot file is written."""
+    weight; runs with 8-bit activations are their own series (same weights, separate line), labelled W8A8;
+    the dense run is the baseline line, not a point; the plot file is written."""
     from compress import compare
 
     proto = {"wikitext2": {"sha256": "ab", "seqlen": 512, "windows": 4, "bos": False}}
@@ -253,10 +254,16 @@ def test_compare_plots_one_line_per_quant_setting(tmp_path):
 
     runs = [run("rtn", b, g, 30 + 100 / b, b + (0.5 if g == 64 else 0.05)) for b in (8, 3, 4) for g in (64, -1)]
     runs.append({**run("none", 4, 64, 28.7, None), "config": {"prune": {"method": "none"}, "quant": {"method": "none"}}})
-    rows = compare.rows_from_runs(runs)
+    a8 = run("rtn", 8, -1, 29.5, 8.05)
+    a8["config"]["quant"].update(activations="int8", act_strategy="token", act_dynamic=True)
+    a8["quant_report"] = {"summary": {"bits_label": "W8A8", "activations": "int8 token dynamic"}}
+    rows = compare.rows_from_runs(runs + [a8])
     series, dense = compare.bits_series(rows)
-    assert dense == 28.7 and sorted(series) == ["rtn ch sym", "rtn g64 sym"]
-    assert [w for _, _, w in series["rtn g64 sym"]] == [3, 4, 8]
+    assert dense == 28.7 and sorted(series) == ["[A16] rtn ch sym", "[A16] rtn g64 sym",
+                                                "[A8 int8] rtn ch sym a:int8 token dynamic"]
+    assert [w for _, _, w in series["[A16] rtn g64 sym"]] == [3, 4, 8]
+    assert {r["bits"] for r in rows if r["quant"] != "-"} == {"W3A16", "W4A16", "W8A16", "W8A8"}
+    assert "| W8A8 |" in compare.markdown_table(rows)
     assert compare.plot_bits(rows, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
 
 

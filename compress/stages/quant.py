@@ -194,7 +194,8 @@ def quantize_model(model: nn.Module, tokenizer, cfg, calib: Optional[CalibConfig
         nm = nm or own_nm
         done = linear_pass(model, method, cfg, targets, calib_ids if needs_calib else None,
                            sparsities=sparsities, nm=own_nm, batch_size=calib.batch_size,
-                           device=device, transforms=tfs, progress=progress, desc=f"quant {cfg.method}", stage="quant",
+                           device=device, transforms=[t for t in tfs if getattr(t, "needs_calibration", True)],
+                           progress=progress, desc=f"quant {cfg.method}", stage="quant",
                            checkpoints=walk_checkpoints(checkpoint_dir, calib_ids if needs_calib else None,
                                                         len(targets.per_block)), store=store, check_pattern=nm)
         report.modules, report.mode, report.params, report.spec = done.modules, done.mode, done.params, done.spec
