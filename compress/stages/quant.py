@@ -303,6 +303,9 @@ def write_quantization_json(report: QuantReport, out_dir: Path) -> None:
     s = report.spec
     (Path(out_dir) / "compress_quantization.json").write_text(json.dumps(
         {"method": report.method, "bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+         "type": s.type, "bits_label": report.bits_label,
+         # the 8-bit input activations the run simulated: this dequantized checkpoint does not apply them
+         "input_activations": report.activations or None,
          "modules": {n: list(sc.shape) for n, (sc, _) in report.params.items()}}, indent=1))
 
 
