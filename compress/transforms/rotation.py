@@ -189,7 +189,7 @@ class Rotation:
         hidden = model.get_input_embeddings().weight.shape[1]
         names = {id(m): n for n, m in model.named_modules()}
         norms = [m for m in model.modules() if _is_norm(m) and m.weight.numel() == hidden]
-        produced: Dict[int, nn.Module] = {}
+        produced: Dict[tuple, nn.Module] = {}  # (storage start, numel) of a norm's output -> the norm
         consumed: Dict[nn.Module, List[nn.Module]] = {n: [] for n in norms}
         alive = []
         handles = []
