@@ -106,6 +106,9 @@ def test_schemes_set_their_keys_and_conflicts_are_refused():
         quant_config("rtn", activations="int4")
     with pytest.raises(ConfigError, match="transform.online=true"):
         make_config("transform", "rotation", online=True)
+    assert make_config("transform", "rotation", matrix="random").label() == "rotation random +v"
+    with pytest.raises(ConfigError, match="transform.matrix"):
+        make_config("transform", "rotation", matrix="hadamard2")
 
 
 def test_disk_mode_refuses_activations_and_rotations_before_load(tmp_path):

@@ -46,14 +46,14 @@ from compress.registry import MethodConfig, register
 @dataclass
 class RotationConfig(MethodConfig):
     method: str = "rotation"
-    kind: str = "hadamard"  # hadamard (randomized; random orthogonal where no Hadamard of that order is built) | random
+    matrix: str = "hadamard"  # hadamard (randomized; random orthogonal where no Hadamard of that order is built) | random
     seed: int = 0  # the random signs / the Gaussian
     rotate_v: bool = True  # also rotate each value head and o's columns by a head-size Hadamard
     online: bool = False  # online rotations (down projection input): refused, see the module docstring
 
     def validate(self) -> None:
         super().validate()
-        choice(self.key("kind"), self.kind, ("hadamard", "random"))
+        choice(self.key("matrix"), self.matrix, ("hadamard", "random"))
         non_negative(self.key("seed"), self.seed)
         if self.online:
             raise ConfigError(f"{self.key('online')}=true: an online rotation (a Hadamard applied to the down "
@@ -63,7 +63,7 @@ class RotationConfig(MethodConfig):
                               "supported: transform.online=false")
 
     def label(self) -> str:
-        return f"rotation {self.kind}" + (" +v" if self.rotate_v else "")
+        return f"rotation {self.matrix}" + (" +v" if self.rotate_v else "")
 
 
 def _is_norm(mod: nn.Module) -> bool:
@@ -149,7 +149,7 @@ class Rotation:
             norm.weight.data.fill_(1.0 - offset)
             folded.append(nname)
         # 3. rotate: embeddings, readers, writers
-        q, how = rotation(hidden, self.cfg.seed, self.cfg.kind)
+        q, how = rotation(hidden, self.cfg.seed, self.cfg.matrix)
         q = q.to(dev)
 
         def right(w):  # W Q
