@@ -25,7 +25,7 @@ from compress.stages.quant import quantize_model
 from compress.transforms.rotation import Rotation
 
 from .conftest import _tiny, byte_tokenizer, reload_check_cli, save_tiny
-from .test_quant_stage import RELOAD
+from .test_quant_stage import _reload
 
 
 def _ids(n=8, seqlen=32, seed=0):
@@ -123,14 +123,9 @@ def test_disk_mode_refuses_activations_and_rotations_before_load(tmp_path):
 
 # ----------------------------------------------------------------- the stage, saving, stock reload
 def _reload_logits(d, ids, tmp_path):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "reloaded.safetensors"
-    p = subprocess.run([sys.executable, "-c", RELOAD, str(d), json.dumps(ids.tolist()), str(out)], capture_output=True,
-                       text=True, timeout=300, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = load_file(out)
-    return got["logits"], {k[2:]: v for k, v in got.items() if k.startswith("w:")}
+    """Stock from_pretrained in a process that never imports compress (test_quant_stage's helper)."""
+    got = _reload(d, ids, tmp_path)
+    return got["logits"], got["weights"]
 
 
 @pytest.mark.parametrize("scheme,fmt", [("w8a8", "int-quantized"), ("fp8_dynamic", "float-quantized"),

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional
 import torch
 
 from compress.calibration.roles import block_structure, coupled_groups
-from compress.core.config import choice, fraction, positive
-from compress.core.errors import ConfigError, UnsupportedModelError
+from compress.core.config import choice, fraction, non_negative, positive
+from compress.core.errors import UnsupportedModelError
 from compress.core.grid import ActSpec, GridSpec, act_fake_quant, rtn
 from compress.registry import MethodConfig, register
 
@@ -49,9 +49,7 @@ class SmoothQuantConfig(MethodConfig):
         fraction(self.key("alpha"), self.alpha)
         positive(self.key("grid"), self.grid)
         choice(self.key("groups"), self.groups, ("norms", "all"))
-        if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or self.search_samples < 0:
-            raise ConfigError(f"{self.key('search_samples')}={self.search_samples!r} is not valid: 0 (all) or a "
-                              "positive number of calibration samples")
+        non_negative(self.key("search_samples"), self.search_samples)  # 0: all
 
     def label(self) -> str:
         return "smoothquant " + ("alpha searched" if self.search else f"a{self.alpha:g}")
