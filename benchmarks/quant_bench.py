@@ -101,7 +101,9 @@ for label, q in (("w8a8", dict(scheme="w8a8")), ("fp8_dynamic", dict(scheme="fp8
     CONFIGS[f"{label}_sq_gptq_actorder"] = dict(method="gptq", act_order=True, transform=SQ, **q)
     CONFIGS[f"{label}_rot_rtn"] = dict(method="rtn", transform=ROT, **q)
     CONFIGS[f"{label}_rot_gptq_actorder"] = dict(method="gptq", act_order=True, transform=ROT, **q)
-for label, q in (("w4a16_g64", dict(scheme="w4a16", group_size=64)), ("w4a8_g64", dict(scheme="w4a8", group_size=64))):
+for label, q in (("w4a16_g64", dict(scheme="w4a16", group_size=64)), ("w4a8_g64", dict(scheme="w4a8", group_size=64)),
+                 ("w4a8_static_g64", dict(bits=4, group_size=64, symmetric=True, activations="int8", act_strategy="tensor",
+                                            act_dynamic=False))):
     CONFIGS[f"{label}_rtn"] = dict(method="rtn", **q)
     CONFIGS[f"{label}_gptq_actorder"] = dict(method="gptq", act_order=True, **q)
     CONFIGS[f"{label}_rot_rtn"] = dict(method="rtn", transform=ROT, **q)

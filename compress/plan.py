@@ -12,6 +12,9 @@ Memory, per phase (bytes; ``B``: the process after importing torch and transform
   the largest block) + the walk's own peak from :func:`compress.calibration.memory.estimate_peaks` (the
   block's inputs and outputs for every sample, the statistics, the factor and the method's working set),
   in the mode the walk would choose; on disk also a block's copy while its output shard is written;
+* a whole-model transform (``transform=rotation``): ``B`` + the model + what the transform declares it
+  adds (``plan_bytes``: the untied head) + its transient working set; what it adds is held by every later
+  phase;
 * evaluation: ``B`` + the weights held (on disk: embeddings and head) + every window's hidden states
   when streamed + one window's logits (float32, three copies during the loss);
 * saving: a quantized model in memory is copied once to be packed (compressed-tensors); the fingerprint of
@@ -266,7 +269,7 @@ def estimate(cfg, measure: bool = True, baseline: Optional[float] = None) -> Dic
     load = decide_load(cfg.model, device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     meta = meta_model(cfg.model)
-    sizes = _bytes(meta, dtype)
+    sizes = loaded = _bytes(meta, dtype)
     tc = text_config(meta)
     free = free_memory_bytes("cpu")
     free_dev = free_memory_bytes(device)  # the walk's budget is a fraction of the device's free memory
@@ -278,6 +281,15 @@ def estimate(cfg, measure: bool = True, baseline: Optional[float] = None) -> Dic
         sc = getattr(cfg, slot)
         if sc.method == "none":
             continue
+        tf = getattr(cfg, "transform", None)
+        if slot == "quant" and tf is not None and tf.method != "none":
+            grows = getattr(spec_of(tf).impl, "plan_bytes", None)
+            if grows is not None:  # a whole-model transform: what it adds stays for every later phase
+                g = grows(meta)
+                phases.append({"phase": "transform", "method": tf.method, "mode": "whole model",
+                               "host_bytes": base + sizes["model"] + g["added_bytes"] + g["working_bytes"],
+                               "added_bytes": g["added_bytes"]})
+                sizes = dict(sizes, model=sizes["model"] + g["added_bytes"], tied=sizes["tied"] and not g["added_bytes"])
         try:
             impl = getattr(spec_of(sc), "impl", None)
         except Exception:  # not a registered method (e.g. the train stage)
@@ -320,7 +332,7 @@ def estimate(cfg, measure: bool = True, baseline: Optional[float] = None) -> Dic
     disk_free = shutil.disk_usage(out_root).free
     plan = {"model": cfg.model.name, "path": model_path(cfg.model), "class": type(meta).__name__,
             "blocks": sizes["blocks"], "dtype": str(dtype).replace("torch.", ""), "load": load,
-            "bytes": {k: v for k, v in sizes.items() if k not in ("tied",)}, "baseline_bytes": base,
+            "bytes": {k: v for k, v in loaded.items() if k not in ("tied",)}, "baseline_bytes": base,
             "phases": phases, "peak_host_bytes": peak, "available_host_bytes": free,
             "disk_bytes": disk, "disk_free_bytes": disk_free,
             "fits": {"host": free is None or peak <= free, "disk": disk <= disk_free}}
@@ -387,11 +399,11 @@ def table(plan: Dict) -> str:
         r = plan["rates"]
         lines.append(f"  measured here: matmul {r['matmul_gflops']:.1f} GFLOP/s, factorisation {r['factor_ns_per_n3']:.3f} "
                      f"ns per n^3, writes {r['write_mb_s']:.0f} MiB/s; process baseline {r['baseline_mb']:.0f} MiB")
-    lines.append(f"  {'phase':<8} {'method':<14} {'mode':<18} {'host peak MiB':>14} {'seconds':>9}")
+    lines.append(f"  {'phase':<9} {'method':<14} {'mode':<18} {'host peak MiB':>14} {'seconds':>9}")
     for p in plan["phases"]:
         hb = f"{p['host_bytes'] / MiB:,.0f}" if p.get("host_bytes") is not None else "-"
         sec = f"{p['seconds']:,.0f}" if p.get("seconds") is not None else "-"
-        lines.append(f"  {p['phase']:<8} {str(p.get('method', '')):<14} {p['mode']:<18} {hb:>14} {sec:>9}")
+        lines.append(f"  {p['phase']:<9} {str(p.get('method', '')):<14} {p['mode']:<18} {hb:>14} {sec:>9}")
     fits = plan["fits"]
     lines.append(f"  peak host {plan['peak_host_bytes'] / MiB:,.0f} MiB of {plan['available_host_bytes'] / MiB:,.0f} MiB "
                  f"available: {'fits' if fits['host'] else 'DOES NOT FIT'}; disk {plan['disk_bytes'] / GiB:.2f} GiB "

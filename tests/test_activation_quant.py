@@ -247,6 +247,54 @@ def test_rotation_with_rtn_needs_no_calibration():
     assert 0 < float((_logits(model, ids) - ref).norm() / ref.norm()) < 0.5
 
 
+def test_rotation_works_a_chunk_of_rows_at_a_time(monkeypatch):
+    """``W Q`` and ``Q^T W`` in place, a few rows at a time (the float64 working set bounded, not a copy of
+    the embeddings): equal to the whole-matrix product; the rotated model is the same with 3-row chunks."""
+    import compress.transforms.rotation as rot
+
+    q = rotation(64, seed=1)[0]
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    want_right, want_left = (w.double() @ q).float(), (q.t() @ w.t().double()).float()
+    monkeypatch.setattr(rot, "CHUNK_BYTES", 8 * 64 * 7)
+    a, b = w.clone(), w.t().contiguous()
+    assert rot._right(a, q) == 7
+    rot._right(b.t(), q)  # the writers' path: a transposed view, updated in place
+    assert torch.allclose(a, want_right, atol=1e-6) and torch.allclose(b, want_left, atol=1e-6)
+    models = []
+    for chunk in (8 * 64 * 3, 64 * 2**20):
+        monkeypatch.setattr(rot, "CHUNK_BYTES", chunk)
+        m = _tiny("llama", vocab=260)
+        info = Rotation(make_config("transform", "rotation")).prepare(m)
+        models.append((m, info["chunk_rows"]))
+    assert [r for _, r in models] == [3, 64 * 2**20 // (8 * 64)]
+    for (n, p), p2 in zip(models[0][0].named_parameters(), models[1][0].parameters()):
+        assert torch.allclose(p, p2, atol=1e-6), n
+
+
+def test_plan_counts_the_rotations_untied_head(tmp_path):
+    """``compress plan`` with ``transform=rotation``: a transform phase before the quant walk; the untied
+    head (tied embeddings) is added to the model every later phase holds."""
+    from compress.cli import compose
+    from compress.config import validate
+    from compress.plan import estimate
+
+    ckpt = save_tiny("llama", tmp_path / "llama", layers=2)
+    small = ["calib.nsamples=4", "calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=2"]
+    plans = {}
+    for tf in ("none", "rotation"):
+        cfg = validate(compose(["model=hf", f"model.name={ckpt}", "quant=gptq", "quant.group_size=16",
+                                f"transform={tf}", *small]))
+        plans[tf] = estimate(cfg, measure=False, baseline=0.0)
+    phases = {k: {p["phase"]: p for p in v["phases"]} for k, v in plans.items()}
+    b = plans["rotation"]["bytes"]
+    head = b["embeddings"]  # tied: the head is a copy of the embeddings once untied
+    assert list(phases["rotation"]) == ["transform", "quant", "eval"] and "transform" not in phases["none"]
+    t = phases["rotation"]["transform"]
+    assert t["added_bytes"] == head and t["host_bytes"] > b["model"] + head
+    for ph in ("quant", "eval"):
+        assert phases["rotation"][ph]["host_bytes"] == pytest.approx(phases["none"][ph]["host_bytes"] + head)
+
+
 def test_rotation_refuses_a_pruned_model():
     from compress.stages.prune import prune_model
 

@@ -42,7 +42,7 @@ def test_plan_cli_prints_every_phase_and_measures_rates(tmp_path):
     assert plan["blocks"] == 3 and plan["fits"] == {"host": True, "disk": True}
     assert all(ph["seconds"] >= 0 for ph in plan["phases"]) and plan["seconds"] > 0
     assert plan["rates"]["matmul_gflops"] > 0 and plan["rates"]["steps"]["sparsegpt"] != [0.0, 0.0, 0.0]
-    assert "prune    sparsegpt" in p.stdout and "fits" in p.stdout
+    assert "prune     sparsegpt" in p.stdout and "fits" in p.stdout
     assert not (tmp_path / "outputs").exists()  # a dry run: nothing written, nothing loaded
 
 

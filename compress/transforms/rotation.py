@@ -97,6 +97,26 @@ def _norm_kind(norm: nn.Module, width: int):
     return offset, ""
 
 
+CHUNK_BYTES = 64 * 2**20  # float64 working copy per chunk of rows rotated
+
+
+def _rows_per_chunk(width: int) -> int:
+    return max(1, CHUNK_BYTES // (8 * width))
+
+
+@torch.no_grad()
+def _right(w: torch.Tensor, q: torch.Tensor) -> int:
+    """``w <- w Q`` in place (``w`` ``[rows, n]``, possibly a transposed view; ``Q`` ``[n, n]``, or ``[n]`` for
+    a diagonal: the columns scaled), in float64, a chunk of rows at a time: the working set is one chunk, not
+    float64 copies of the whole matrix (the head or embeddings of a 128k-token vocabulary at width 8192 would
+    take 8 GiB each). Returns the rows per chunk."""
+    step = _rows_per_chunk(w.shape[1])
+    for a in range(0, w.shape[0], step):
+        part = w[a:a + step]
+        part.copy_((part.double() @ q if q.dim() == 2 else part.double() * q).to(w.dtype))
+    return step
+
+
 @register("transform", "rotation", RotationConfig)
 class Rotation:
     """An orthogonal (randomized Hadamard) rotation of the residual stream fused into the weights, norms folded first; the float model is unchanged (QuaRot / SpinQuant-style, fixed)"""
@@ -145,23 +165,20 @@ class Rotation:
                 raise UnsupportedModelError(f"rotation: the norm {nname} ({type(norm).__name__}) cannot be folded: {why}")
             g = (offset + norm.weight.double())
             for mod in consumers:
-                mod.weight.data.copy_((mod.weight.double() * g.unsqueeze(0)).to(mod.weight.dtype))
+                _right(mod.weight.data, g)
             norm.weight.data.fill_(1.0 - offset)
             folded.append(nname)
         # 3. rotate: embeddings, readers, writers
         q, how = rotation(hidden, self.cfg.seed, self.cfg.matrix)
         q = q.to(dev)
 
-        def right(w):  # W Q
-            return (w.double() @ q).to(w.dtype)
-
-        emb.weight.data.copy_(right(emb.weight))
+        emb_rows = _right(emb.weight.data, q)
         reader_mods = list(dict.fromkeys(m for _, cs in readers.values() for m in cs))
         for mod in reader_mods:
-            mod.weight.data.copy_(right(mod.weight))
+            _right(mod.weight.data, q)
         writers = [m for b in structure.blocks for m in dict.fromkeys((b.modules["o"], b.modules["down"]))]
         for mod in writers:
-            mod.weight.data.copy_((q.t() @ mod.weight.double()).to(mod.weight.dtype))
+            _right(mod.weight.data.t(), q)  # Q^T W = (W^T Q)^T, in place through the transposed view
             if mod.bias is not None:
                 mod.bias.data.copy_((mod.bias.double() @ q).to(mod.bias.dtype))
         # 4. values and attention output, per head
@@ -175,10 +192,22 @@ class Rotation:
             raise UnsupportedModelError(f"rotation: the rotated model's logits differ from the original's by {rel:.2e} "
                                         f"(relative, more than {tol:g}): something writes to or reads the residual "
                                         "stream outside the roles the map knows")
-        return {"rotation": how, "size": hidden, "seed": self.cfg.seed, "norms_folded": len(folded),
+        return {"rotation": how, "size": hidden, "seed": self.cfg.seed, "norms_folded": len(folded), "chunk_rows": emb_rows,
                 "readers": len(reader_mods), "writers": len(writers), "untied_head": untied,
                 "added_params": int(head.weight.numel()) if untied else 0, "rotate_v": v_how,
                 "logits_rel_diff": rel}
+
+    @staticmethod
+    def plan_bytes(model: nn.Module) -> Dict[str, float]:
+        """What :meth:`prepare` adds to a model (built on the meta device) and its transient working set, in
+        bytes, for ``compress plan``: the untied head (when the embeddings are tied) stays; the orthogonal
+        matrix (float64) and one chunk of rows rotated in float64 (:func:`_right`) are transient."""
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+        vocab, hidden = emb.shape
+        tied = head is not None and head.weight is emb
+        size = torch.empty(0, dtype=emb.dtype).element_size()
+        return {"added_bytes": float(vocab * hidden * size) if tied else 0.0,
+                "working_bytes": float(hidden * hidden * 8 + 3 * min(vocab, _rows_per_chunk(hidden)) * hidden * 8)}
 
     def _trace(self, model, probe, head) -> Dict[nn.Module, tuple]:
         """Every norm of the residual-stream width and the linears that read its output (one forward; an
