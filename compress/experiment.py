@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 from omegaconf import OmegaConf
 
 from compress.calibration.checkpoint import atomic_write_text
@@ -361,6 +362,18 @@ def prechecks(cfg: Config, load: Optional[Dict] = None) -> None:
             s.precheck(cfg, meta)
 
 
+def _state_sha256(model) -> str:
+    """sha256 over every tensor of the model's state dict (name, dtype, shape, bytes) in name order: what
+    the ranks must agree on beyond the compressed linears."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=None, model=None,
                    tokenizer=None, print_summary: bool = True, sweep_dir=None, skip_finished: bool = True) -> Dict:
     """Run the configured stages and return the record (also in ``out_dir/results.json``).
@@ -476,13 +489,23 @@ def run_experiment(cfg: Config, out_dir, recipe: Optional[str] = None, resolved=
             ctx.weights = result.weights or ctx.weights
             saver = result.saver or saver
             rec.update_metrics(**sizes(ctx.model))
-        if ranks is not None:  # every rank ends the stages with the same weights: checked, then rank 0 goes on
-            fp = weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())["sha256"] \
-                if ctx.weights is None else None
-            shas = dist.gather_objects(fp)
-            rec.data["distributed"].update(rank_weights_sha256=shas, ranks_equal=len(set(shas)) == 1)
-            dist.barrier()
-            dist.destroy()
+        if ranks is not None:  # every rank ends the stages with the same model: checked, then rank 0 goes on
+            with rec.stage("ranks", "same model on every rank") as info:
+                fp = (weights_fingerprint(ctx.model, resolve_targets(ctx.model).qualified_names())["sha256"],
+                      _state_sha256(ctx.model)) if ctx.weights is None else (None, None)
+                got = dist.gather_objects(fp)
+                equal = len(set(got)) == 1
+                rec.data["distributed"].update(rank_weights_sha256=[g[0] for g in got],
+                                               rank_state_sha256=[g[1] for g in got], ranks_equal=equal)
+                info["ranks_equal"] = equal
+                dist.barrier()
+                dist.destroy()
+                if not equal:
+                    what = ("the compressed linears" if len({g[0] for g in got}) > 1 else
+                            "parameters outside the compressed linears (norms, embeddings, head)")
+                    raise CompressError(f"the {len(got)} ranks ended the stages with different models: {what} differ "
+                                        "(a statistic computed from one rank's samples only?); nothing is saved. "
+                                        "Run in one process, and report it")
             if not lead:
                 return rec.data
         save_failed = None

@@ -20,7 +20,11 @@ SMALL = ["calib.nsamples=4", "calib.seqlen=64", "eval.seqlen=64", "eval.max_wind
 CASES = {"sparsegpt": ["prune=sparsegpt", "prune.sparsity=0.5"],
          "sparsegpt_two_pass": ["prune=sparsegpt", "prune.sparsity=0.5", "prune.sequential=false"],
          "wanda": ["prune=wanda", "prune.sparsity=0.5"],
-         "gptq": ["quant=gptq", "quant.bits=4", "quant.group_size=32"]}
+         "gptq": ["quant=gptq", "quant.bits=4", "quant.group_size=32"],
+         # block transforms and activation ranges: their statistics must cover every rank's samples
+         "smoothquant_gptq_w8a8_static": ["quant=gptq", "quant.scheme=w8a8_static", "transform=smoothquant",
+                                          "transform.search=true", "transform.grid=4"],
+         "awq_rtn": ["quant=rtn", "quant.bits=4", "quant.group_size=32", "transform=awq"]}
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -62,8 +66,12 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(tiny, case):
     (ds, ppl1), = r1["metrics"]["ppl"].items()
     assert abs(r2["metrics"]["ppl"][ds] / ppl1 - 1) < 2e-3
     w1, w2 = _weights(one), _weights(two)
-    if case == "gptq":  # packed codes (8 per int32): the share of words that are identical
+    if any(k.endswith("weight_packed") for k in w1):  # packed codes (8 per int32): the share of identical words
         lin = [k for k in w1 if k.endswith("weight_packed")]
+        same = sum(int((w1[k] == w2[k]).sum()) for k in lin)
+    elif case.startswith("smoothquant"):  # int8 codes
+        lin = [k for k in w1 if k.endswith("proj.weight")]
+        assert all(w1[k].dtype == torch.int8 for k in lin)
         same = sum(int((w1[k] == w2[k]).sum()) for k in lin)
     else:  # the masks
         lin = [k for k in w1 if k.endswith("proj.weight")]

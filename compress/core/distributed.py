@@ -50,6 +50,23 @@ def all_reduce_sum_(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
+def all_reduce_max_(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``'s elementwise maximum over ranks, in place."""
+    if t is not None and active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_reduce_sums(*values: float) -> List[float]:
+    """Python numbers summed over ranks (float64), e.g. a search's error sum and its sample count."""
+    if not active():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     if active():
         dist.broadcast(t, src=src)

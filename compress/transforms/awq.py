@@ -30,6 +30,7 @@ import torch
 
 from compress.calibration.roles import block_structure, coupled_groups
 from compress.core.config import choice, positive
+from compress.core.distributed import all_reduce_sum_, all_reduce_sums
 from compress.core.errors import ConfigError, UnsupportedModelError
 from compress.core.grid import GridSpec, rtn
 from compress.registry import MethodConfig, register
@@ -111,7 +112,8 @@ class AWQ:
             name = first.get(id(mod))
             if name is not None:
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                means[name] = means.get(name, 0) + x.abs().sum(0)
+                # float64 sums: the same mean whatever the order of the tokens (one process or several ranks)
+                means[name] = means.get(name, 0) + x.abs().sum(0, dtype=torch.float64)
                 counts[name] = counts.get(name, 0) + x.shape[0]
 
         scopes = {g.name: self._scope(g) for g in groups}
@@ -137,11 +139,15 @@ class AWQ:
             else:
                 mod = block.get_submodule(scope)
                 pairs = ((self._first(mod(*a, **k)), r) for a, k, r in captured[scope])
-            return sum(float((o.float() - r.float()).square().mean()) for o, r in pairs) / n
+            total, count = all_reduce_sums(sum(float((o.float() - r.float()).square().mean()) for o, r in pairs), n)
+            return total / count  # several ranks: over the first n samples of every rank
 
         report: List[Dict] = []
+        for g in groups:  # several ranks: the sums over every rank's tokens (groups in the same order on all)
+            all_reduce_sum_(means[g.name])
+            counts[g.name] = int(all_reduce_sums(counts[g.name])[0])
         for g in groups:
-            x_mean = (means[g.name] / counts[g.name]).clamp_min(1e-8)
+            x_mean = (means[g.name] / counts[g.name]).float().clamp_min(1e-8)
             weights = {id(m): m.weight for m in g.consumers.values()}
             saved = {k: w.data.clone() for k, w in weights.items()}
             w_mean = self._weight_mean(list(saved.values()))

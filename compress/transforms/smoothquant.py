@@ -30,6 +30,7 @@ import torch
 
 from compress.calibration.roles import block_structure, coupled_groups
 from compress.core.config import choice, fraction, non_negative, positive
+from compress.core.distributed import all_reduce_max_, all_reduce_sums
 from compress.core.errors import UnsupportedModelError
 from compress.core.grid import ActSpec, GridSpec, act_fake_quant, rtn
 from compress.registry import MethodConfig, register
@@ -92,6 +93,8 @@ class SmoothQuant:
         finally:
             for h in handles:
                 h.remove()
+        for g in groups:  # several ranks: the maximum over every rank's samples (groups in the same order on all)
+            all_reduce_max_(xmax[g.name])
         n = len(inputs) if not self.cfg.search_samples else min(self.cfg.search_samples, len(inputs))
         alphas = ([0.05 + 0.9 * i / max(1, self.cfg.grid - 1) for i in range(self.cfg.grid)] if self.cfg.search
                   else [float(self.cfg.alpha)])
@@ -121,7 +124,8 @@ class SmoothQuant:
         return {"groups": report, "fold_drift": drift}
 
     def _error(self, block, inputs, ref, g, s, n) -> float:
-        """Block output error (mean squared) with the group's linears computing Q_a(x / s) Q_w(W diag(s))^T."""
+        """Block output error (mean squared, over the first ``n`` samples of every rank) with the group's linears
+        computing Q_a(x / s) Q_w(W diag(s))^T."""
         mods = list(dict.fromkeys(g.consumers.values()))
         saved = [m.weight.data.clone() for m in mods]
         keep = [None if float((w == 0).float().mean()) <= 0.01 else w != 0 for w in saved]
@@ -134,14 +138,15 @@ class SmoothQuant:
 
         handles = [m.register_forward_pre_hook(pre) for m in mods]
         try:
-            err = sum(float((_first(inputs.call(block, i)).float() - _first(ref[i]).float()).square().mean())
-                      for i in range(n)) / n
+            total = sum(float((_first(inputs.call(block, i)).float() - _first(ref[i]).float()).square().mean())
+                        for i in range(n))
         finally:
             for h in handles:
                 h.remove()
             for m, w in zip(mods, saved):
                 m.weight.data.copy_(w)
-        return err
+        total, count = all_reduce_sums(total, n)
+        return total / count
 
 
 def _first(out):
