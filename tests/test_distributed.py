@@ -24,7 +24,8 @@ CASES = {"sparsegpt": ["prune=sparsegpt", "prune.sparsity=0.5"],
          # block transforms and activation ranges: their statistics must cover every rank's samples
          "smoothquant_gptq_w8a8_static": ["quant=gptq", "quant.scheme=w8a8_static", "transform=smoothquant",
                                           "transform.search=true", "transform.grid=4"],
-         "awq_rtn": ["quant=rtn", "quant.bits=4", "quant.group_size=32", "transform=awq"]}
+         "awq_rtn": ["quant=rtn", "quant.bits=4", "quant.group_size=32", "transform=awq"],
+         "rotation_gptq_w4a8": ["quant=gptq", "quant.scheme=w4a8", "quant.group_size=32", "transform=rotation"]}
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
