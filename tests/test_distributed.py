@@ -128,3 +128,21 @@ def test_what_needs_one_process_is_refused_with_two(tiny):
     assert p.returncode != 0
     assert "the prune stage cannot run so: prune.importance=block scores from block outputs or training" in p.stderr
     assert not (run / "results.json").exists()
+
+
+def test_the_rank_check_sees_parameters_outside_the_compressed_linears():
+    """What the ranks compare: the compressed linears' fingerprint missed a norm folded differently on one
+    rank (how SmoothQuant and AWQ once diverged across ranks); the whole state dict's hash sees it."""
+    from compress.calibration.targets import resolve_targets
+    from compress.core.modules import weights_fingerprint
+    from compress.experiment import _state_sha256
+
+    from .conftest import _tiny
+
+    model = _tiny("llama")
+    names = resolve_targets(model).qualified_names()
+    before = (weights_fingerprint(model, names)["sha256"], _state_sha256(model))
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] *= 1.0 + 2**-20
+    after = (weights_fingerprint(model, names)["sha256"], _state_sha256(model))
+    assert after[0] == before[0] and after[1] != before[1]
