@@ -27,6 +27,7 @@ from common import write
 
 import compress.transforms.rotation as rot_module
 from compress.config import make_config, quant_config
+from compress.core.grid import GridSpec, rtn
 from compress.core.hadamard import rotation
 from compress.data import load_calibration
 from compress.evaluate import perplexity
@@ -35,10 +36,11 @@ from compress.schema import ModelConfig
 from compress.stages.quant import quantize_model
 
 
+W4_G64 = GridSpec(4, True, 64)  # the quant stage's grid for quant_config("rtn", scheme=..., group_size=64)
+
+
 def rtn_w4_g64(w):
-    g = w.reshape(w.shape[0], -1, 64)
-    s = g.abs().amax(-1, keepdim=True) / 7
-    return (torch.clamp(torch.round(g / s), -8, 7) * s).reshape_as(w)
+    return rtn(w, W4_G64)[0]
 
 
 @torch.no_grad()
